@@ -1,0 +1,214 @@
+"""The loader and the device selector, on tiny catalogues drawn in tmp_path."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import common
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "fashion-images"
+CSV_HEADER = "ProductId,Gender,Category,SubCategory,ProductType,Colour,Usage,ProductTitle,Image,ImageURL\n"
+
+
+def product_photo(width=180, height=240, colour=(200, 30, 30), box=(0.25, 0.3, 0.75, 0.7), shadow=True):
+    """A product on a white background: a coloured block, a faint grey shadow under it."""
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    x0, y0, x1, y1 = box[0] * width, box[1] * height, box[2] * width, box[3] * height
+    if shadow:  # 7 levels below white: a shadow, not product
+        draw.ellipse((x0 - 0.1 * width, y1 - 0.02 * height, x1 + 0.1 * width, y1 + 0.06 * height), fill=(248,) * 3)
+    draw.rectangle((x0, y0, x1, y1), fill=colour)
+    draw.ellipse((x0, y0, x0 + (x1 - x0) / 2, y0 + (y1 - y0) / 2), fill=(30, 30, 120))
+    return image
+
+
+def make_kaggle_layout(root, ids_per_folder=3, extra_csv_rows=(), images_without_rows=()):
+    """The real dataset's layout: <root>/<Category>/<Gender>/Images/images_with_product_ids/<id>.jpg."""
+    rows, product_id = [], 1000
+    for category, gender in [("Apparel", "Boys"), ("Apparel", "Girls"), ("Footwear", "Men"), ("Footwear", "Women")]:
+        folder = root / category / gender / "Images" / "images_with_product_ids"
+        folder.mkdir(parents=True)
+        for _ in range(ids_per_folder):
+            product_id += 1
+            product_photo(colour=(product_id % 256, 80, 160)).save(folder / f"{product_id}.jpg")
+            rows.append(f"{product_id},{gender},{category},Sub,Type{product_id % 2},Red,Casual,Title {product_id},"
+                        f"{product_id}.jpg,http://x/{product_id}.jpg\n")
+        for name in images_without_rows:
+            product_photo().save(folder / name)
+            images_without_rows = ()
+    rows += [f"{i},Men,Footwear,Shoes,Heels,Red,Casual,Gone,{i}.jpg,http://x\n" for i in extra_csv_rows]
+    (root / "fashion.csv").write_text(CSV_HEADER + "".join(rows))
+    return root
+
+
+def psnr(a, b):
+    return 10 * torch.log10(1 / torch.mean((a - b) ** 2)).item()
+
+
+def load(root, tmp_path, size=32):
+    return common.load_catalogue(root, image_size=size, cache_dir=tmp_path / "cache")
+
+
+def test_kaggle_layout_loads_with_metadata_joined(tmp_path):
+    catalogue = load(make_kaggle_layout(tmp_path / "data"), tmp_path)
+    assert catalogue.images.shape == (12, 3, 32, 32)
+    assert catalogue.images.dtype == torch.float32
+    assert 0 <= catalogue.images.min() and catalogue.images.max() <= 1
+    metadata = catalogue.metadata
+    assert len(metadata) == 12 and not catalogue.synthetic
+    for row in metadata.itertuples():  # every row describes the image in its own position
+        assert Path(row.path).stem == row.ProductId
+        assert row.ProductTitle == f"Title {row.ProductId}" and row.Gender in row.path
+
+
+def test_every_image_mode_loads_as_rgb_with_transparency_on_white(tmp_path):
+    root = tmp_path / "modes"
+    root.mkdir()
+    photo = product_photo(60, 80)
+    photo.convert("L").save(root / "grey.jpg")
+    photo.convert("L").save(root / "grey.png")
+    photo.convert("P").save(root / "palette.png")
+    photo.convert("CMYK").save(root / "cmyk.jpg")
+    Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257).save(root / "sixteen.png")
+    transparent = Image.new("RGBA", (60, 80), (0, 0, 0, 0))  # black but fully transparent ...
+    ImageDraw.Draw(transparent).rectangle((20, 20, 40, 60), fill=(0, 0, 255, 255))  # ... around a blue block
+    transparent.save(root / "rgba.png")
+    catalogue = load(root, tmp_path)
+    assert catalogue.images.shape == (6, 3, 32, 32)
+    by_name = dict(zip(catalogue.metadata["path"], catalogue.images))
+    assert torch.allclose(by_name["rgba.png"][:, 0, 0], torch.ones(3))  # the transparent corner is white
+    assert by_name["rgba.png"][2].min() > 0.9 and by_name["rgba.png"][0].min() < 0.1  # the block is blue
+    grey = by_name["grey.jpg"]
+    assert torch.allclose(grey[0], grey[1], atol=0.02)  # grey in, grey RGB out
+    assert psnr(by_name["sixteen.png"], by_name["grey.png"]) > 40  # 16-bit scaled to 8 bits, not clipped
+
+
+def test_corrupt_and_truncated_files_are_skipped_and_reported(tmp_path, capsys):
+    root = make_kaggle_layout(tmp_path / "data")
+    folder = root / "Footwear" / "Men" / "Images" / "images_with_product_ids"
+    (folder / "broken.jpg").write_bytes(b"this is not a jpeg")
+    whole = (folder / "1007.jpg").read_bytes()
+    (folder / "1007.jpg").write_bytes(whole[: len(whole) // 2])  # a download cut in half
+    catalogue = load(root, tmp_path)
+    assert len(catalogue.images) == 11
+    warning = capsys.readouterr().out
+    assert "skipped 2 unreadable" in warning and "broken.jpg" in warning and "1007.jpg" in warning
+    load(root, tmp_path)  # from the cache, the skipped files are still reported
+    assert "skipped 2 unreadable" in capsys.readouterr().out
+
+
+def test_csv_rows_without_image_are_reported_and_images_without_row_get_empty_metadata(tmp_path, capsys):
+    root = make_kaggle_layout(tmp_path / "data", extra_csv_rows=[7, 8], images_without_rows=["stray.jpg"])
+    catalogue = load(root, tmp_path)
+    assert "2 rows" in capsys.readouterr().out
+    assert len(catalogue.images) == 13
+    stray = catalogue.metadata[catalogue.metadata["ProductId"] == "stray"].iloc[0]
+    assert stray["Gender"] == "" and stray["ProductTitle"] == ""
+
+
+def test_csv_one_folder_down_is_found(tmp_path):
+    root = make_kaggle_layout(tmp_path / "data")
+    (root / "nested").mkdir()
+    (root / "fashion.csv").rename(root / "nested" / "fashion.csv")
+    assert (load(root, tmp_path).metadata["Gender"] != "").all()
+
+
+def test_product_on_wide_canvas_fills_the_frame_without_stretching(tmp_path):
+    root = tmp_path / "wide"
+    root.mkdir()
+    canvas = Image.new("RGB", (1000, 1000), "white")
+    ImageDraw.Draw(canvas).rectangle((300, 500, 499, 599), fill="black")  # 200 x 100 px, 2:1
+    canvas.save(root / "shoe.png")
+    dark = load(root, tmp_path, size=64).images[0, 0] < 0.5  # (64, 64)
+    columns, rows = dark.any(0).sum().item(), dark.any(1).sum().item()
+    assert columns >= 56  # cropped: the product spans the frame, not a fifth of it
+    assert abs(columns / rows - 2) < 0.15  # padded, not stretched: still twice as wide as high
+
+
+def test_blank_image_does_not_crash(tmp_path):
+    root = tmp_path / "blank"
+    root.mkdir()
+    Image.new("RGB", (50, 70), "white").save(root / "blank.png")
+    assert load(root, tmp_path).images.min() == 1.0
+
+
+def test_full_size_photo_and_its_reduced_copy_are_framed_the_same(tmp_path):
+    root = tmp_path / "sizes"
+    root.mkdir()
+    product_photo(1800, 2400).save(root / "full.jpg", quality=90)
+    product_photo(1800, 2400).resize((180, 240), Image.Resampling.LANCZOS).save(root / "reduced.jpg", quality=90)
+    full, reduced = load(root, tmp_path, size=64).images
+    assert psnr(full, reduced) > 30
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/fashion-images")
+def test_real_photos_upscaled_to_full_size_are_framed_the_same(tmp_path):
+    for index, path in enumerate(sorted(SHARED.rglob("*.jpg"))[::600]):
+        photo = Image.open(path).convert("RGB")
+        photo.save(tmp_path / f"{index}-reduced.jpg", quality=95)
+        photo.resize((photo.width * 10, photo.height * 10), Image.Resampling.BICUBIC).save(
+            tmp_path / f"{index}-full.jpg", quality=90)
+    images = load(tmp_path, tmp_path, size=64).images
+    for full, reduced in zip(images[0::2], images[1::2]):
+        assert psnr(full, reduced) > 30
+
+
+def test_second_load_uses_the_cache_and_a_touched_file_rebuilds_it(tmp_path, monkeypatch):
+    root = make_kaggle_layout(tmp_path / "data")
+    decoded = []
+    original_decode = common.decode
+    monkeypatch.setattr(common, "decode", lambda path, size: decoded.append(path) or original_decode(path, size))
+    first = load(root, tmp_path)
+    assert len(decoded) == 12
+    second = load(root, tmp_path)
+    assert len(decoded) == 12 and torch.equal(first.images, second.images)
+    touched = next(root.rglob("*.jpg"))
+    product_photo(colour=(0, 200, 0)).save(touched)
+    third = load(root, tmp_path)
+    assert len(decoded) == 24 and not torch.equal(first.images, third.images)
+    assert not list((tmp_path / "cache").glob("*.tmp*"))  # no temporary file left behind
+
+
+def test_split_is_deterministic_disjoint_and_the_same_at_every_size(tmp_path):
+    root = make_kaggle_layout(tmp_path / "data", ids_per_folder=8)
+    small, large = load(root, tmp_path, size=32), load(root, tmp_path, size=48)
+    train, test = set(small.train_index.tolist()), set(small.test_index.tolist())
+    assert not train & test and len(train | test) == 32 and len(test) == 3  # 10 % of 32, rounded
+    assert torch.equal(small.test_index, large.test_index)
+    assert torch.equal(small.test_index, load(root, tmp_path, size=32).test_index)
+
+
+def test_without_a_dataset_the_default_folder_falls_back_to_a_synthetic_catalogue(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "DEFAULT_DATA", tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    first = common.load_catalogue(None, image_size=32, cache_dir=tmp_path / "cache")
+    assert "SYNTHETIC" in capsys.readouterr().out and first.synthetic
+    assert 300 <= len(first.images) <= 1000
+    assert set(first.metadata["Category"]) == {"Apparel", "Footwear"}
+    second = common.load_catalogue(None, image_size=32, cache_dir=tmp_path / "cache")
+    assert torch.equal(first.images, second.images) and first.metadata.equals(second.metadata)
+
+
+@pytest.mark.parametrize("make", [lambda path: None, lambda path: path.mkdir()], ids=["missing", "empty"])
+def test_an_explicit_data_folder_without_images_is_an_error_naming_it(tmp_path, make):
+    make(tmp_path / "nope")
+    with pytest.raises(SystemExit, match="--data .*nope"):
+        common.load_catalogue(tmp_path / "nope", image_size=32, cache_dir=tmp_path / "cache")
+
+
+def test_device_selector_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert common.select_device().type == "cpu"
+    with pytest.raises(SystemExit, match="--device cuda: not available"):
+        common.select_device("cuda")
+    with pytest.raises(SystemExit, match="--device banana: unknown"):
+        common.select_device("banana")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert common.select_device().type == "mps"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert common.select_device().type == "cuda"
+    assert common.select_device("cpu").type == "cpu"
