@@ -1,0 +1,346 @@
+"""A convolutional autoencoder for product photos, from scratch, and "more like this" search.
+
+An autoencoder learns to copy its input through a bottleneck. The encoder squeezes a 64x64x3
+photo (12,288 numbers) into a code of 128; the decoder rebuilds the photo from the code alone:
+
+    encoder:   image x  ->  z           (a deterministic code, --latent-dim numbers)
+    decoder:   z  ->  x_hat in [0, 1]
+    loss:      reconstruction = sum over pixels of (x_hat - x)^2, averaged over the batch
+
+The code is 96x smaller than the photo, so the network cannot copy pixels: it has to learn what
+products have in common (a shoe's outline, a shirt's collar, a colour) and keep only what tells
+one from another. That is what makes the code useful for search: similar products get similar
+codes. It is not a generator, though: codes of real photos cover a small, irregular part of the
+latent space, and a random code decodes to noise. vae.py fixes exactly that.
+
+Run:    python ae.py --epochs 50
+Writes: out/ae/ - model.pt, metrics.csv, reconstructions.png, latent_map.png, loss_curves.png,
+        search.png (photos), search_outputs.png (the same, as reconstructions), search.csv
+Again:  python ae.py --figures-only   (figures and search from the saved model, no training)
+"""
+
+import argparse
+import csv
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common import load_catalogue, select_device
+
+
+# ----------------------------------------------------------------------------- model
+class Autoencoder(nn.Module):
+    """Four stride-2 convolutions halve the image four times; four transposed ones double it back.
+
+    Kept small on purpose (3x3 kernels, 16 to 128 channels): on a 2-core CPU that is 4x less work
+    per image than the textbook 4x4, 32-to-256 net, at a small cost in sharpness.
+    """
+
+    def __init__(self, image_size=64, latent_dim=128, channels=(16, 32, 64, 128)):
+        super().__init__()
+        if image_size < 32 or image_size % 16:
+            raise SystemExit(f"error: --image-size {image_size}: must be a multiple of 16, at least 32")
+        self.feature_shape = (channels[-1], image_size // 16, image_size // 16)  # (128, S/16, S/16)
+        encoder, previous = [], 3
+        for width in channels:  # each block: (B, previous, s, s) -> (B, width, s/2, s/2)
+            encoder += [nn.Conv2d(previous, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.LeakyReLU(0.2)]
+            previous = width
+        self.encoder = nn.Sequential(*encoder, nn.Flatten())
+        features = math.prod(self.feature_shape)
+        self.to_latent = nn.Linear(features, latent_dim)
+        self.from_latent = nn.Linear(latent_dim, features)
+        decoder = []
+        for width in reversed(channels[:-1]):  # each block: (B, previous, s, s) -> (B, width, 2s, 2s)
+            decoder += [nn.ConvTranspose2d(previous, width, 3, 2, 1, output_padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+            previous = width
+        self.decoder = nn.Sequential(*decoder, nn.ConvTranspose2d(previous, 3, 3, 2, 1, output_padding=1), nn.Sigmoid())
+
+    def encode(self, images):  # (B, 3, S, S)
+        features = self.encoder(images)  # (B, 128 * S/16 * S/16)
+        return self.to_latent(features)  # (B, latent)
+
+    def decode(self, z):  # (B, latent)
+        features = self.from_latent(z).view(-1, *self.feature_shape)  # (B, 128, S/16, S/16)
+        return self.decoder(features)  # (B, 3, S, S), in [0, 1]
+
+    def forward(self, images):
+        return self.decode(self.encode(images))
+
+
+# ----------------------------------------------------------------------------- loss
+def reconstruction_loss(recon, images):
+    """Squared error summed over the pixels of each image, then averaged over the batch."""
+    # reconstruction = sum_pixels (x_hat - x)^2
+    return ((recon - images) ** 2).flatten(1).sum(dim=1).mean()
+
+
+def psnr(recon, images):
+    """Peak signal-to-noise ratio in dB per image, for images in [0, 1]: 10 * log10(1 / MSE)."""
+    mse = ((recon - images) ** 2).flatten(1).mean(dim=1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+# ----------------------------------------------------------------------------- training
+def run_epoch(model, images, args, optimizer=None, generator=None):
+    """One pass over `images` in batches; trains when given an optimizer. Returns the mean
+    reconstruction loss and PSNR over the images."""
+    training = optimizer is not None
+    model.train(training)
+    order = torch.randperm(len(images), generator=generator) if training else torch.arange(len(images))
+    sums = torch.zeros(2)
+    for start in range(0, len(images), args.batch_size):
+        batch = images[order[start:start + args.batch_size]].to(args.device, memory_format=torch.channels_last)
+        with torch.set_grad_enabled(training), torch.autocast(args.device.type, torch.bfloat16, enabled=args.bf16):
+            recon = model(batch).float()
+        loss = reconstruction_loss(recon, batch)
+        if training:
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        parts = torch.stack([loss, psnr(recon, batch).mean()]).detach().cpu()
+        sums += parts * len(batch)
+    return (sums / len(images)).tolist()
+
+
+@torch.no_grad()
+def encode_all(model, images, args):
+    """Latent codes of a set of images, in batches: (N, latent)."""
+    model.eval()
+    codes = [model.encode(images[start:start + args.batch_size].to(args.device))
+             for start in range(0, len(images), args.batch_size)]
+    return torch.cat(codes).float().cpu()
+
+
+def save_checkpoint(model, args, path):
+    """Write to a temporary file, then rename: a crash never leaves a broken model.pt."""
+    state = {"script": "ae.py", "state_dict": model.state_dict(),
+             "args": {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}}
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(model, args, path):
+    if not path.is_file():
+        raise SystemExit(f"error: --checkpoint {path}: no such file (train first: python ae.py)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise SystemExit(f"error: --checkpoint {path}: not a readable checkpoint ({error.__class__.__name__})")
+    if not isinstance(state, dict) or state.get("script") != "ae.py":
+        found = state.get("script", "an unknown script") if isinstance(state, dict) else "an unknown script"
+        raise SystemExit(f"error: --checkpoint {path}: saved by {found}, not by ae.py")
+    for flag in ("image_size", "latent_dim"):
+        if state["args"][flag] != getattr(args, flag):
+            raise SystemExit(f"error: --checkpoint {path} has --{flag.replace('_', '-')} {state['args'][flag]}, "
+                             f"but this run has {getattr(args, flag)}; pass the same value")
+    model.load_state_dict(state["state_dict"])
+
+
+# ----------------------------------------------------------------------------- figures and applications
+def show_rows(rows, labels, title, path, columns_titles=None):
+    """Save a titled grid of images: rows is a list of (n, 3, S, S) tensors, one per labelled row."""
+    import matplotlib.pyplot as plt  # imported here: only figure code needs it
+
+    columns = max(len(row) for row in rows)
+    figure, axes = plt.subplots(len(rows), columns, figsize=(1.1 * columns, 1.15 * len(rows) + 0.4), squeeze=False)
+    for r, (row, label) in enumerate(zip(rows, labels)):
+        for c, axis in enumerate(axes[r]):
+            axis.set_xticks([]), axis.set_yticks([])
+            for spine in axis.spines.values():
+                spine.set_visible(False)
+            if c < len(row):
+                axis.imshow(row[c].permute(1, 2, 0).clamp(0, 1).cpu().numpy())
+            if c == 0:
+                axis.set_ylabel(label, fontsize=8)
+            if r == 0 and columns_titles:
+                axis.set_title(columns_titles[c], fontsize=7)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def pick(metadata, index, column, value):
+    """The first of the given products whose metadata column equals value, else the first one."""
+    matches = [i for i in index.tolist() if metadata.at[i, column] == value]
+    return matches[0] if matches else index[0].item()
+
+
+# Application, "more like this": the encoder as a search engine. The catalogue is the training
+# set; each test product is a query; neighbours are ranked by cosine similarity of their vectors.
+def search(queries, catalogue, k=5):
+    """Indices (into catalogue) of the k most similar rows for each query row, best first."""
+    queries = queries / queries.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    catalogue = catalogue / catalogue.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    return (queries @ catalogue.T).topk(k, dim=1).indices  # (N_queries, k)
+
+
+def precision_at_k(query_labels, catalogue_labels, neighbours):
+    """Fraction of the k neighbours that share the query's label, averaged over the queries."""
+    hits = [[catalogue_labels[j] == query_labels[i] for j in row] for i, row in enumerate(neighbours.tolist())]
+    return sum(map(sum, hits)) / max(1, sum(map(len, hits)))
+
+
+@torch.no_grad()
+def evaluate_search(model, catalogue, args):
+    """Latent search against raw-pixel search: precision@5 by ProductType and Colour, size, speed."""
+    images, metadata = catalogue.images, catalogue.metadata
+    train, test = catalogue.train_index, catalogue.test_index
+    # Raw pixels count darkness (1 - pixel), so the white background is zero and does not
+    # make every pair of products look alike.
+    vectors = {"latent": (encode_all(model, images[train], args), encode_all(model, images[test], args)),
+               "pixels": ((1 - images[train]).flatten(1), (1 - images[test]).flatten(1))}
+    results = {}
+    for name, (index, queries) in vectors.items():
+        tick = time.time()
+        neighbours = search(queries, index)
+        milliseconds = 1000 * (time.time() - tick) / len(queries)
+        results[name] = {"neighbours": neighbours, "index_mb": index.numel() * 4 / 1e6, "ms_per_query": milliseconds}
+        for column in ("ProductType", "Colour"):
+            labels = metadata[column].tolist()
+            results[name][f"precision@5_{column}"] = precision_at_k(
+                [labels[i] for i in test.tolist()], [labels[i] for i in train.tolist()], neighbours)
+    ratio = vectors["pixels"][0].shape[1] / vectors["latent"][0].shape[1]
+    print(f"search over {len(train)} catalogue products with {len(test)} test queries "
+          f"(codes are {ratio:.0f}x smaller than the pixels):")
+    for name, result in results.items():
+        print(f"  {name:6s}: precision@5 by ProductType {result['precision@5_ProductType']:.3f}, by Colour "
+              f"{result['precision@5_Colour']:.3f} | index {result['index_mb']:.1f} MB, "
+              f"{result['ms_per_query']:.3f} ms per query")
+    with open(args.out / "search.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["vectors", "precision@5_ProductType", "precision@5_Colour", "index_mb", "ms_per_query"])
+        for name, r in results.items():
+            writer.writerow([name, r["precision@5_ProductType"], r["precision@5_Colour"], r["index_mb"], r["ms_per_query"]])
+    return results
+
+
+@torch.no_grad()
+def make_figures(model, catalogue, history, search_results, args):
+    import matplotlib.pyplot as plt
+
+    model.eval()
+    out, images, metadata, test = args.out, catalogue.images, catalogue.metadata, catalogue.test_index
+    reconstruct = lambda index: model(images[index].to(args.device)).float().cpu()
+    # Fixed test products, spread over the (sorted) test set: the same ones every run.
+    shown = test[torch.linspace(0, len(test) - 1, 10).long()]
+    show_rows([images[shown], reconstruct(shown)], ["original", "AE"], "Test products and their reconstructions",
+              out / "reconstructions.png")
+    # A 2-D map of the test set: the two principal directions of the codes.
+    codes = encode_all(model, images[test], args)
+    centred = codes - codes.mean(0)
+    _, _, directions = torch.linalg.svd(centred, full_matrices=False)  # PCA by hand
+    xy = centred @ directions[:2].T  # (N_test, 2)
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for axis, column in zip(axes, ["Category", "Gender"]):
+        for value in sorted(metadata[column].iloc[test.tolist()].unique()):
+            mask = torch.tensor((metadata[column].iloc[test.tolist()] == value).values)
+            axis.scatter(xy[mask, 0], xy[mask, 1], s=8, label=value or "(none)")
+        axis.set(title=f"Test codes (PCA), by {column}", xlabel="PC 1", ylabel="PC 2")
+        axis.legend(fontsize=8)
+    figure.tight_layout(), figure.savefig(out / "latent_map.png", dpi=100), plt.close(figure)
+    if history:
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        axis.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], label="train")
+        axis.plot([h["epoch"] for h in history], [h["test_loss"] for h in history], label="test")
+        axis.set(title="reconstruction loss per image", xlabel="epoch", yscale="log"), axis.legend()
+        figure.tight_layout(), figure.savefig(out / "loss_curves.png", dpi=100), plt.close(figure)
+    # "More like this": queries of different types, each followed by its 5 nearest catalogue products.
+    queries = list(dict.fromkeys(pick(metadata, test, "ProductType", t) for t in
+                                 ["Tshirts", "Heels", "Sports Shoes", "Dresses", "Flip Flops", "Shorts"]))
+    position = {index: row for row, index in enumerate(test.tolist())}
+    found = [catalogue.train_index[search_results["latent"]["neighbours"][position[q]]] for q in queries]
+    rows = [torch.cat([torch.tensor([q]), f]) for q, f in zip(queries, found)]
+    labels = [metadata.at[q, "ProductType"] for q in queries]
+    titles = ["query"] + [f"match {i}" for i in range(1, 6)]
+    show_rows([images[r] for r in rows], labels, "More like this: nearest products by latent code",
+              out / "search.png", titles)
+    show_rows([reconstruct(r) for r in rows], labels, "More like this (shown as the AE's reconstructions)",
+              out / "search_outputs.png", titles)
+
+
+# ----------------------------------------------------------------------------- command line
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # training
+    parser.add_argument("--epochs", type=int, default=50, help="passes over the training set")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per optimisation step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (cosine decay to 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the model, the batches and the figures")
+    # model
+    parser.add_argument("--latent-dim", type=int, default=128, help="size of the code z")
+    parser.add_argument("--image-size", type=int, default=64, help="photos are resized to this (multiple of 16)")
+    # data, device and outputs
+    parser.add_argument("--data", default=None, help="folder of photos (default: data/, synthetic if empty)")
+    parser.add_argument("--out", type=Path, default=Path("out/ae"), help="where figures and model.pt go")
+    parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (for GPUs, CPUs with AMX)")
+    parser.add_argument("--figures-only", action="store_true", help="load the checkpoint, redraw, no training")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="model to load (default: OUT/model.pt)")
+    args = parser.parse_args(argv)
+    for flag in ("epochs", "batch_size", "latent_dim"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if not args.lr > 0:
+        parser.error("--lr must be positive")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    print("ae.py", " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
+    torch.manual_seed(args.seed)
+    args.device = select_device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    checkpoint = args.checkpoint or args.out / "model.pt"
+    model = Autoencoder(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)
+    catalogue = load_catalogue(args.data, args.image_size)
+    train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
+    print(f"{len(train_images)} training and {len(test_images)} test products, {args.image_size} px")
+
+    history = []
+    if args.figures_only:
+        load_checkpoint(model, args, checkpoint)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        # Cosine decay of the learning rate: big steps early, small ones to settle at the end.
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+        generator = torch.Generator().manual_seed(args.seed)
+        started = time.time()
+        for epoch in range(1, args.epochs + 1):
+            tick = time.time()
+            train = run_epoch(model, train_images, args, optimizer, generator)
+            test = run_epoch(model, test_images, args)
+            schedule.step()
+            seconds = time.time() - tick
+            if not all(math.isfinite(value) for value in train + test):
+                raise SystemExit(f"error: the loss became non-finite in epoch {epoch} (try a smaller --lr); "
+                                 f"{checkpoint} still holds the model of epoch {epoch - 1}")
+            save_checkpoint(model, args, checkpoint)
+            history.append({"epoch": epoch, "train_loss": train[0], "train_psnr": train[1], "test_loss": test[0],
+                            "test_psnr": test[1], "seconds": seconds, "images_per_second": len(train_images) / seconds})
+            eta = (time.time() - started) / epoch * (args.epochs - epoch)
+            print(f"epoch {epoch:3d}/{args.epochs} | train {train[0]:7.1f} | test {test[0]:7.1f} | "
+                  f"test PSNR {test[1]:5.2f} dB | {seconds:4.1f} s, {len(train_images) / seconds:5.0f} img/s | "
+                  f"ETA {eta:3.0f} s", flush=True)
+    search_results = evaluate_search(model, catalogue, args)
+    if history:
+        for key in ("precision@5_ProductType", "precision@5_Colour"):  # the search quality, in the metrics
+            for name in ("latent", "pixels"):
+                history[-1][f"{name}_{key}"] = search_results[name][key]
+        with open(args.out / "metrics.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(history[-1]), restval="")
+            writer.writeheader(), writer.writerows(history)
+    make_figures(model, catalogue, history, search_results, args)
+    final = run_epoch(model, test_images, args)
+    print(f"test: reconstruction {final[0]:.1f} per image, PSNR {final[1]:.2f} dB; figures in {args.out}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""A tiny product catalogue in the real dataset's layout, shared by the scripts' smoke tests."""
+
+import pytest
+from PIL import Image, ImageDraw
+
+import common
+
+CSV_HEADER = "ProductId,Gender,Category,SubCategory,ProductType,Colour,Usage,ProductTitle,Image,ImageURL\n"
+TYPES = [("Apparel", "Boys", "Tshirts"), ("Apparel", "Girls", "Dresses"),
+         ("Footwear", "Men", "Sports Shoes"), ("Footwear", "Women", "Heels")]
+
+
+@pytest.fixture
+def tiny_catalogue(tmp_path, monkeypatch):
+    """24 small drawn products with a fashion.csv; the loader's cache goes to tmp_path too."""
+    monkeypatch.setattr(common, "CACHE_DIR", tmp_path / "cache")
+    root, rows = tmp_path / "data", []
+    for index in range(24):
+        category, gender, product_type = TYPES[index % 4]
+        colour = ["Black", "Red", "Blue"][index % 3]
+        folder = root / category / gender / "Images" / "images_with_product_ids"
+        folder.mkdir(parents=True, exist_ok=True)
+        image = Image.new("RGB", (48, 64), "white")
+        fill = {"Black": (20, 20, 20), "Red": (200, 30, 30), "Blue": (30, 60, 200)}[colour]
+        ImageDraw.Draw(image).rectangle((6 + index % 5, 10, 40, 30 + index), fill=fill)
+        image.save(folder / f"{100 + index}.jpg")
+        rows.append(f"{100 + index},{gender},{category},Sub,{product_type},{colour},Casual,T,{100 + index}.jpg,u\n")
+    (root / "fashion.csv").write_text(CSV_HEADER + "".join(rows))
+    return root

@@ -1,0 +1,77 @@
+"""ae.py: shapes, the loss, search and precision@k, training, end to end."""
+
+import pytest
+import torch
+
+import ae
+
+
+@pytest.mark.parametrize("image_size, latent_dim", [(32, 8), (64, 128), (128, 16)])
+def test_encode_decode_forward_shapes(image_size, latent_dim):
+    model = ae.Autoencoder(image_size, latent_dim)
+    images = torch.rand(3, 3, image_size, image_size)
+    assert model.encode(images).shape == (3, latent_dim)
+    recon = model(images)
+    assert recon.shape == images.shape and 0 <= recon.min() and recon.max() <= 1
+
+
+def test_bad_image_size_is_a_clear_error():
+    with pytest.raises(SystemExit, match="--image-size 50"):
+        ae.Autoencoder(50)
+
+
+def test_loss_is_zero_for_a_perfect_reconstruction_and_a_direct_sum_otherwise():
+    torch.manual_seed(0)
+    recon, images = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    assert ae.reconstruction_loss(images, images).item() == 0
+    direct = sum(((recon[i] - images[i]) ** 2).sum() for i in range(4)) / 4
+    assert torch.allclose(ae.reconstruction_loss(recon, images), direct)
+
+
+def test_psnr_of_a_known_error():
+    images = torch.full((2, 3, 4, 4), 0.5)
+    assert torch.allclose(ae.psnr(images + 0.1, images), torch.tensor([20.0, 20.0]), atol=1e-4)  # MSE 0.01
+
+
+def test_a_few_steps_on_one_batch_lower_the_loss():
+    torch.manual_seed(0)
+    model = ae.Autoencoder(32, 8)
+    images = torch.rand(8, 3, 32, 32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss = ae.reconstruction_loss(model(images), images)
+        optimizer.zero_grad(), loss.backward(), optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_search_ranks_an_exact_duplicate_first():
+    torch.manual_seed(0)
+    catalogue = torch.randn(50, 16)
+    queries = torch.cat([catalogue[[7]] * 3, catalogue[[30]]])  # scale does not matter to cosine
+    neighbours = ae.search(queries, catalogue, k=5)
+    assert neighbours.shape == (2, 5) and neighbours[:, 0].tolist() == [7, 30]
+
+
+def test_precision_at_k_on_a_hand_made_example():
+    neighbours = torch.tensor([[0, 1, 2], [2, 3, 0]])
+    catalogue_labels = ["shoe", "shoe", "shirt", "shirt"]
+    # query 0 (shoe): shoe, shoe, shirt -> 2 of 3; query 1 (shirt): shirt, shirt, shoe -> 2 of 3
+    assert ae.precision_at_k(["shoe", "shirt"], catalogue_labels, neighbours) == pytest.approx(4 / 6)
+    assert ae.precision_at_k(["dress", "dress"], catalogue_labels, neighbours) == 0
+
+
+def test_main_trains_writes_every_output_and_reloads_for_figures_only(tiny_catalogue, tmp_path):
+    out = tmp_path / "out"
+    flags = ["--data", str(tiny_catalogue), "--out", str(out), "--image-size", "32", "--latent-dim", "8",
+             "--batch-size", "8", "--device", "cpu"]
+    ae.main([*flags, "--epochs", "1"])
+    for name in ["reconstructions.png", "latent_map.png", "loss_curves.png", "search.png", "search_outputs.png",
+                 "search.csv", "metrics.csv", "model.pt"]:
+        assert (out / name).is_file(), name
+    assert "latent_precision@5_ProductType" in (out / "metrics.csv").read_text()
+    before = (out / "model.pt").read_bytes()
+    (out / "search.png").unlink()
+    ae.main([*flags, "--figures-only"])
+    assert (out / "search.png").is_file() and (out / "model.pt").read_bytes() == before
