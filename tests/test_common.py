@@ -8,9 +8,9 @@ import torch
 from PIL import Image, ImageDraw
 
 import common
+from conftest import CSV_HEADER
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "fashion-images"
-CSV_HEADER = "ProductId,Gender,Category,SubCategory,ProductType,Colour,Usage,ProductTitle,Image,ImageURL\n"
 
 
 def product_photo(width=180, height=240, colour=(200, 30, 30), box=(0.25, 0.3, 0.75, 0.7), shadow=True):

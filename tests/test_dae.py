@@ -1,0 +1,94 @@
+"""dae.py: the noise, PSNR, shapes, training, end to end."""
+
+import math
+
+import pytest
+import torch
+
+import dae
+
+GREY = torch.full((4, 3, 32, 32), 0.5)
+
+
+@pytest.mark.parametrize("kind", dae.NOISE_KINDS)
+def test_noise_keeps_shape_and_range_and_leaves_the_input_alone(kind):
+    images = torch.rand(4, 3, 32, 32)
+    before = images.clone()
+    noisy = dae.add_noise(images, kind, 0.3, torch.Generator().manual_seed(0))
+    assert noisy.shape == images.shape and 0 <= noisy.min() and noisy.max() <= 1
+    assert torch.equal(images, before) and not torch.equal(noisy, images)
+
+
+@pytest.mark.parametrize("kind", dae.NOISE_KINDS)
+def test_the_same_seed_gives_the_same_noise(kind):
+    first = dae.add_noise(GREY, kind, 0.2, torch.Generator().manual_seed(3))
+    assert torch.equal(first, dae.add_noise(GREY, kind, 0.2, torch.Generator().manual_seed(3)))
+    assert not torch.equal(first, dae.add_noise(GREY, kind, 0.2, torch.Generator().manual_seed(4)))
+
+
+def test_gaussian_noise_has_the_asked_standard_deviation():
+    residual = dae.add_noise(GREY, "gaussian", 0.1, torch.Generator().manual_seed(0)) - GREY
+    assert abs(residual.std().item() - 0.1) < 0.005 and abs(residual.mean().item()) < 0.005
+
+
+def test_salt_and_pepper_hits_the_asked_fraction_with_black_and_white():
+    noisy = dae.add_noise(GREY, "salt-and-pepper", 0.2, torch.Generator().manual_seed(0))
+    hit = noisy != 0.5
+    assert abs(hit.float().mean().item() - 0.2) < 0.02
+    assert set(noisy[hit].unique().tolist()) == {0.0, 1.0}
+
+
+def test_occlusion_covers_about_the_asked_fraction():
+    noisy = dae.add_noise(torch.ones(4, 3, 64, 64), "occlusion", 0.25, torch.Generator().manual_seed(0))
+    covered = (noisy != 1).any(dim=1).float().mean(dim=(1, 2))  # per image
+    assert ((covered > 0.2) & (covered < 0.5)).all()
+
+
+def test_psnr_on_known_values():
+    assert dae.psnr(GREY, GREY).tolist() == [100.0] * 4  # identical: MSE capped at 1e-10
+    assert torch.allclose(dae.psnr(GREY + 0.1, GREY), torch.full((4,), 20.0), atol=1e-4)  # MSE 0.01
+    assert math.isclose(dae.psnr(GREY + 0.01, GREY)[0].item(), 40.0, abs_tol=1e-3)  # MSE 1e-4
+
+
+@pytest.mark.parametrize("image_size, latent_dim", [(32, 8), (64, 32), (128, 16)])
+def test_shapes_and_a_spatial_code(image_size, latent_dim):
+    model = dae.DenoisingAutoencoder(image_size, latent_dim)
+    images = torch.rand(2, 3, image_size, image_size)
+    assert model.encode(images).shape == (2, latent_dim, image_size // 8, image_size // 8)
+    assert model(images).shape == images.shape
+
+
+def test_a_few_steps_on_one_batch_lower_the_loss():
+    torch.manual_seed(0)
+    model = dae.DenoisingAutoencoder(32, 8)
+    images = torch.rand(8, 3, 32, 32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss = dae.reconstruction_loss(model(dae.add_noise(images, "gaussian", 0.1)), images)
+        optimizer.zero_grad(), loss.backward(), optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_main_trains_writes_every_output_and_reloads_for_figures_only(tiny_catalogue, tmp_path):
+    out = tmp_path / "out"
+    flags = ["--data", str(tiny_catalogue), "--out", str(out), "--image-size", "32", "--latent-dim", "8",
+             "--batch-size", "8", "--device", "cpu"]
+    dae.main([*flags, "--epochs", "1", "--noise", "salt-and-pepper"])
+    expected = ["loss_curves.png", "metrics.csv", "denoising.csv", "model.pt"]
+    expected += [f"{prefix}_{kind}.png" for kind in dae.NOISE_KINDS for prefix in ("denoising", "denoised")]
+    for name in expected:
+        assert (out / name).is_file(), name
+    table = (out / "denoising.csv").read_text()
+    assert "salt-and-pepper 0.1 (trained on)" in table and "median filter (3)" in table
+    before = (out / "model.pt").read_bytes()
+    (out / "denoising.csv").unlink()
+    dae.main([*flags, "--figures-only"])
+    assert (out / "denoising.csv").is_file() and (out / "model.pt").read_bytes() == before
+
+
+def test_bad_noise_strength_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit):
+        dae.parse_args(["--noise-strength", "1.5"])
+    assert "--noise-strength" in capsys.readouterr().err
