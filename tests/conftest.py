@@ -27,3 +27,10 @@ def tiny_catalogue(tmp_path, monkeypatch):
         rows.append(f"{100 + index},{gender},{category},Sub,{product_type},{colour},Casual,T,{100 + index}.jpg,u\n")
     (root / "fashion.csv").write_text(CSV_HEADER + "".join(rows))
     return root
+
+
+@pytest.fixture
+def smoke_flags(tiny_catalogue, tmp_path):
+    """Flags for a seconds-long end-to-end run of any of the three scripts on the tiny catalogue."""
+    return ["--data", str(tiny_catalogue), "--out", str(tmp_path / "out"), "--image-size", "32",
+            "--latent-dim", "8", "--batch-size", "8", "--device", "cpu"]

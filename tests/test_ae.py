@@ -62,10 +62,8 @@ def test_precision_at_k_on_a_hand_made_example():
     assert ae.precision_at_k(["dress", "dress"], catalogue_labels, neighbours) == 0
 
 
-def test_main_trains_writes_every_output_and_reloads_for_figures_only(tiny_catalogue, tmp_path):
-    out = tmp_path / "out"
-    flags = ["--data", str(tiny_catalogue), "--out", str(out), "--image-size", "32", "--latent-dim", "8",
-             "--batch-size", "8", "--device", "cpu"]
+def test_main_trains_writes_every_output_and_reloads_for_figures_only(smoke_flags, tmp_path):
+    out, flags = tmp_path / "out", smoke_flags
     ae.main([*flags, "--epochs", "1"])
     for name in ["reconstructions.png", "latent_map.png", "loss_curves.png", "search.png", "search_outputs.png",
                  "search.csv", "metrics.csv", "model.pt"]:

@@ -212,3 +212,10 @@ def test_device_selector_prefers_cuda_then_mps_then_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert common.select_device().type == "cuda"
     assert common.select_device("cpu").type == "cpu"
+
+
+def test_a_folder_of_only_unreadable_files_is_an_error_naming_it(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "photo.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(SystemExit, match="none of the 1 image files under .*bad could be read"):
+        load(tmp_path / "bad", tmp_path)

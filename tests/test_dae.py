@@ -71,10 +71,8 @@ def test_a_few_steps_on_one_batch_lower_the_loss():
     assert losses[-1] < 0.9 * losses[0]
 
 
-def test_main_trains_writes_every_output_and_reloads_for_figures_only(tiny_catalogue, tmp_path):
-    out = tmp_path / "out"
-    flags = ["--data", str(tiny_catalogue), "--out", str(out), "--image-size", "32", "--latent-dim", "8",
-             "--batch-size", "8", "--device", "cpu"]
+def test_main_trains_writes_every_output_and_reloads_for_figures_only(smoke_flags, tmp_path):
+    out, flags = tmp_path / "out", smoke_flags
     dae.main([*flags, "--epochs", "1", "--noise", "salt-and-pepper"])
     expected = ["loss_curves.png", "metrics.csv", "denoising.csv", "model.pt"]
     expected += [f"{prefix}_{kind}.png" for kind in dae.NOISE_KINDS for prefix in ("denoising", "denoised")]

@@ -74,10 +74,8 @@ def test_a_few_steps_on_one_batch_lower_the_loss():
     assert losses[-1] < 0.9 * losses[0]
 
 
-def test_main_trains_writes_every_output_and_reloads_for_figures_only(tiny_catalogue, tmp_path):
-    out = tmp_path / "out"
-    flags = ["--data", str(tiny_catalogue), "--out", str(out), "--image-size", "32", "--latent-dim", "8",
-             "--batch-size", "8", "--device", "cpu"]
+def test_main_trains_writes_every_output_and_reloads_for_figures_only(smoke_flags, tmp_path):
+    out, flags = tmp_path / "out", smoke_flags
     vae.main([*flags, "--epochs", "1"])
     for name in [*FIGURES, "metrics.csv", "model.pt"]:
         assert (out / name).is_file(), name
