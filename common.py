@@ -111,7 +111,7 @@ def decode(path, size):
 def find_images(root):
     """Every image file under root, at any depth, in a fixed (sorted) order."""
     found = []
-    for folder, _, names in os.walk(root):
+    for folder, _, names in os.walk(root, followlinks=True):  # a linked-in dataset counts too
         found += [Path(folder, name) for name in names if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
     return sorted(found)
 
