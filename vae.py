@@ -244,15 +244,22 @@ def make_figures(model, catalogue, history, samples_by_epoch, args):
             axis.set(title=f"{key} per image", xlabel="epoch"), axis.legend()
         figure.tight_layout(), figure.savefig(out / "loss_curves.png", dpi=100), plt.close(figure)
     # Application 2, attribute edits: the mean code of black products minus the mean code of the
-    # rest is a "make it black" direction; add it, in growing amounts, to non-black test products.
+    # others is a "make it black" direction. Most black products are shoes, so it is taken within
+    # the product's own Category; across categories it would also turn a T-shirt into a shoe.
     mu_train, _ = encode_all(model, images[catalogue.train_index], args)
-    black = torch.tensor((metadata["Colour"].iloc[catalogue.train_index.tolist()] == "Black").values)
-    if 0 < black.sum() < len(black):
-        direction = mu_train[black].mean(0) - mu_train[~black].mean(0)
-        edited = [i for i in shown.tolist() if metadata.at[i, "Colour"] != "Black"][:6] or shown[:6].tolist()
+    train_rows = metadata.iloc[catalogue.train_index.tolist()]
+    black, category = (train_rows["Colour"] == "Black").values, train_rows["Category"].values
+    edited = [i for i in shown.tolist() if metadata.at[i, "Colour"] != "Black"][:6]
+    directions = []
+    for i in edited:
+        same = torch.tensor(category == metadata.at[i, "Category"])
+        inside, outside = same & torch.tensor(black), same & torch.tensor(~black)
+        directions.append(mu_train[inside].mean(0) - mu_train[outside].mean(0) if inside.any() and outside.any()
+                          else torch.zeros(args.latent_dim))
+    if edited:
         mu = model.encode(images[edited].to(args.device))[0].cpu()
         strengths = [0, 0.5, 1, 1.5]
-        rows = [decode(mu + s * direction) for s in strengths]
+        rows = [decode(mu + s * torch.stack(directions)) for s in strengths]
         show_rows(rows, [f"+{s} x black" for s in strengths], 'Attribute edit: adding the "Black" direction',
                   out / "attribute_edit.png")
     # Application 3, catalogue QA: the test products the model finds least likely.
