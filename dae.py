@@ -267,11 +267,11 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seeds the model, the batches and the figures")
     # model
     parser.add_argument("--latent-dim", type=int, default=32, help="channels of the 8x8 code (S/8 x S/8)")
+    parser.add_argument("--image-size", type=int, default=64, help="photos are resized to this (multiple of 16)")
     # noise
     parser.add_argument("--noise", choices=NOISE_KINDS, default="gaussian", help="the corruption to train on")
     parser.add_argument("--noise-strength", type=float, default=0.1,
                         help="gaussian: std; salt-and-pepper: fraction of pixels; occlusion: fraction covered")
-    parser.add_argument("--image-size", type=int, default=64, help="photos are resized to this (multiple of 16)")
     # data, device and outputs
     parser.add_argument("--data", default=None, help="folder of photos (default: data/, synthetic if empty)")
     parser.add_argument("--out", type=Path, default=Path("out/dae"), help="where figures and model.pt go")
