@@ -300,14 +300,14 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint = args.checkpoint or args.out / "model.pt"
     model = Autoencoder(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)
+    if args.figures_only:  # checked before the photos are loaded, so a wrong file fails at once
+        load_checkpoint(model, args, checkpoint)
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
     print(f"{len(train_images)} training and {len(test_images)} test products, {args.image_size} px")
 
     history = []
-    if args.figures_only:
-        load_checkpoint(model, args, checkpoint)
-    else:
+    if not args.figures_only:
         # lr defaults to 1e-3 here, not 2e-3 as in vae.py: at 2e-3 this net lost the colours and drew grey.
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
         # Cosine decay of the learning rate: big steps early, small ones to settle at the end.

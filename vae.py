@@ -309,15 +309,15 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint = args.checkpoint or args.out / "model.pt"
     model = VAE(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)
+    if args.figures_only:  # checked before the photos are loaded, so a wrong file fails at once
+        load_checkpoint(model, args, checkpoint)
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
     print(f"{len(train_images)} training and {len(test_images)} test products, {args.image_size} px")
 
     history, fixed_z = [], torch.randn(10, args.latent_dim, generator=torch.Generator().manual_seed(args.seed + 1))
     samples_by_epoch = []
-    if args.figures_only:
-        load_checkpoint(model, args, checkpoint)
-    else:
+    if not args.figures_only:
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
         # Cosine decay of the learning rate: big steps early, small ones to settle at the end.
         # No KL warm-up (beta growing from 0): it exists to stop the KL term from collapsing the
