@@ -249,19 +249,18 @@ def make_figures(model, catalogue, history, samples_by_epoch, args):
     mu_train, _ = encode_all(model, images[catalogue.train_index], args)
     train_rows = metadata.iloc[catalogue.train_index.tolist()]
     black, category = (train_rows["Colour"] == "Black").values, train_rows["Category"].values
-    edited = [i for i in shown.tolist() if metadata.at[i, "Colour"] != "Black"][:6]
+    edited = [i for i in shown.tolist() if metadata.at[i, "Colour"] != "Black"][:6] or shown[:6].tolist()
     directions = []
     for i in edited:
         same = torch.tensor(category == metadata.at[i, "Category"])
         inside, outside = same & torch.tensor(black), same & torch.tensor(~black)
         directions.append(mu_train[inside].mean(0) - mu_train[outside].mean(0) if inside.any() and outside.any()
                           else torch.zeros(args.latent_dim))
-    if edited:
-        mu = model.encode(images[edited].to(args.device))[0].cpu()
-        strengths = [0, 0.5, 1, 1.5]
-        rows = [decode(mu + s * torch.stack(directions)) for s in strengths]
-        show_rows(rows, [f"+{s} x black" for s in strengths], 'Attribute edit: adding the "Black" direction',
-                  out / "attribute_edit.png")
+    mu = model.encode(images[edited].to(args.device))[0].cpu()
+    strengths = [0, 0.5, 1, 1.5]
+    rows = [decode(mu + s * torch.stack(directions)) for s in strengths]
+    show_rows(rows, [f"+{s} x black" for s in strengths], 'Attribute edit: adding the "Black" direction',
+              out / "attribute_edit.png")
     # Application 3, catalogue QA: the test products the model finds least likely.
     worst = test[loss_test.argsort(descending=True)[:8]]
     show_rows([images[worst], decode(model.encode(images[worst].to(args.device))[0])], ["photo", "VAE"],
