@@ -132,9 +132,9 @@ def encode_all(model, images, args):
         batch = images[start:start + args.batch_size].to(args.device)
         mu, logvar = model.encode(batch)
         recon = model.decode(mu)
-        losses.append(((recon - batch) ** 2).flatten(1).sum(1) + args.beta * -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1))
+        losses += [vae_loss(*parts, args.beta)[0] for parts in zip(*(t.unsqueeze(1) for t in (recon, batch, mu, logvar)))]
         means.append(mu)
-    return torch.cat(means).cpu(), torch.cat(losses).cpu()
+    return torch.cat(means).cpu(), torch.stack(losses).cpu()
 
 
 def save_checkpoint(model, args, path):
