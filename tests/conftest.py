@@ -1,6 +1,7 @@
 """A tiny product catalogue in the real dataset's layout, shared by the scripts' smoke tests."""
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 import common
@@ -34,3 +35,17 @@ def smoke_flags(tiny_catalogue, tmp_path):
     """Flags for a seconds-long end-to-end run of any of the three scripts on the tiny catalogue."""
     return ["--data", str(tiny_catalogue), "--out", str(tmp_path / "out"), "--image-size", "32",
             "--latent-dim", "8", "--batch-size", "8", "--device", "cpu"]
+
+
+def losses_over_steps(make_model, loss_of_batch, steps=15):
+    """Train a seeded model on one fixed random batch for a few Adam steps; the loss at every step."""
+    torch.manual_seed(0)
+    model = make_model()
+    images = torch.rand(8, 3, 32, 32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        loss = loss_of_batch(model, images)
+        optimizer.zero_grad(), loss.backward(), optimizer.step()
+        losses.append(loss.item())
+    return losses

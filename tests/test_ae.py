@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import ae
+from conftest import losses_over_steps
 
 
 @pytest.mark.parametrize("image_size, latent_dim", [(32, 8), (64, 128), (128, 16)])
@@ -34,15 +35,8 @@ def test_psnr_of_a_known_error():
 
 
 def test_a_few_steps_on_one_batch_lower_the_loss():
-    torch.manual_seed(0)
-    model = ae.Autoencoder(32, 8)
-    images = torch.rand(8, 3, 32, 32)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(15):
-        loss = ae.reconstruction_loss(model(images), images)
-        optimizer.zero_grad(), loss.backward(), optimizer.step()
-        losses.append(loss.item())
+    losses = losses_over_steps(lambda: ae.Autoencoder(32, 8),
+                               lambda model, images: ae.reconstruction_loss(model(images), images))
     assert losses[-1] < 0.9 * losses[0]
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dae
+from conftest import losses_over_steps
 
 GREY = torch.full((4, 3, 32, 32), 0.5)
 
@@ -59,15 +60,10 @@ def test_shapes_and_a_spatial_code(image_size, latent_dim):
 
 
 def test_a_few_steps_on_one_batch_lower_the_loss():
-    torch.manual_seed(0)
-    model = dae.DenoisingAutoencoder(32, 8)
-    images = torch.rand(8, 3, 32, 32)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(15):
-        loss = dae.reconstruction_loss(model(dae.add_noise(images, "gaussian", 0.1)), images)
-        optimizer.zero_grad(), loss.backward(), optimizer.step()
-        losses.append(loss.item())
+    def denoising_loss(model, images):
+        return dae.reconstruction_loss(model(dae.add_noise(images, "gaussian", 0.1)), images)
+
+    losses = losses_over_steps(lambda: dae.DenoisingAutoencoder(32, 8), denoising_loss)
     assert losses[-1] < 0.9 * losses[0]
 
 
