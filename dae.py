@@ -12,13 +12,14 @@ wrong. To undo the noise it must know what products look like: edges are straigh
 colour, backgrounds are white.
 
 The lesson of this script is the shape of the code. ae.py squeezes the photo into one dense
-vector of 128 numbers: good for search, but it forgets the fine detail, so its output is blurrier
-than the noisy input was (measured here: 20.5 dB out for 21.7 dB in). Denoising needs the detail
+vector of 128 numbers: good for search, but it forgets the fine detail, and a blurry output can
+score worse than the noisy photo it was given. Denoising needs the detail
 kept and only the noise removed, so this model is fully convolutional: every layer is a
 convolution, and the code is an 8x8 grid that still knows *where* things are. Each output pixel
 depends on a small neighbourhood of the input, the way a photo filter works, but the filter is
-learned. BatchNorm is there for a reason too: without it this net got stuck early, drawing an
-all-white image, which is a cheap way to be nearly right on photos that are mostly white.
+learned. BatchNorm is there for a reason too: it keeps every layer's outputs spread out, so the
+net does not settle early on drawing an all-white image, a cheap way to be nearly right on photos
+that are mostly white.
 
 Run:    python dae.py --epochs 50                     (--noise occlusion --noise-strength 0.2, ...)
 Writes: out/dae/ - model.pt, metrics.csv, denoising.csv, loss_curves.png,

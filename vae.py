@@ -132,7 +132,9 @@ def encode_all(model, images, args):
         batch = images[start:start + args.batch_size].to(args.device)
         mu, logvar = model.encode(batch)
         recon = model.decode(mu)
-        losses += [vae_loss(*parts, args.beta)[0] for parts in zip(*(t.unsqueeze(1) for t in (recon, batch, mu, logvar)))]
+        for i in range(len(batch)):  # one image at a time, so that the products can be ranked
+            one = slice(i, i + 1)
+            losses.append(vae_loss(recon[one], batch[one], mu[one], logvar[one], args.beta)[0])
         means.append(mu)
     return torch.cat(means).cpu(), torch.stack(losses).cpu()
 
@@ -265,7 +267,6 @@ def make_figures(model, catalogue, history, samples_by_epoch, args):
     worst = test[loss_test.argsort(descending=True)[:8]]
     show_rows([images[worst], decode(model.encode(images[worst].to(args.device))[0])], ["photo", "VAE"],
               "Catalogue QA: the 8 least likely test products (highest negative ELBO)", out / "catalogue_qa.png")
-    return samples
 
 
 # ----------------------------------------------------------------------------- command line

@@ -36,9 +36,8 @@ def make_kaggle_layout(root, ids_per_folder=3, extra_csv_rows=(), images_without
             product_photo(colour=(product_id % 256, 80, 160)).save(folder / f"{product_id}.jpg")
             rows.append(f"{product_id},{gender},{category},Sub,Type{product_id % 2},Red,Casual,Title {product_id},"
                         f"{product_id}.jpg,http://x/{product_id}.jpg\n")
-        for name in images_without_rows:
-            product_photo().save(folder / name)
-            images_without_rows = ()
+    for name in images_without_rows:  # photos that fashion.csv does not list
+        product_photo().save(root / "Apparel" / "Boys" / "Images" / "images_with_product_ids" / name)
     rows += [f"{i},Men,Footwear,Shoes,Heels,Red,Casual,Gone,{i}.jpg,http://x\n" for i in extra_csv_rows]
     (root / "fashion.csv").write_text(CSV_HEADER + "".join(rows))
     return root
