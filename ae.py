@@ -87,7 +87,7 @@ def psnr(recon, images):
 # ----------------------------------------------------------------------------- training
 def run_epoch(model, images, args, optimizer=None, generator=None):
     """One pass over `images` in batches; trains when given an optimizer. Returns the mean
-    reconstruction loss and PSNR over the images."""
+    reconstruction loss and PSNR per image: {"loss": ..., "psnr": ...}."""
     training = optimizer is not None
     model.train(training)
     order = torch.randperm(len(images), generator=generator) if training else torch.arange(len(images))
@@ -101,9 +101,9 @@ def run_epoch(model, images, args, optimizer=None, generator=None):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        parts = torch.stack([loss, psnr(recon, batch).mean()]).detach().cpu()
-        sums += parts * len(batch)
-    return (sums / len(images)).tolist()
+        # Each batch's means are weighted by its size, so a smaller last batch counts for what it holds.
+        sums += torch.stack([loss, psnr(recon, batch).mean()]).detach().cpu() * len(batch)
+    return dict(zip(["loss", "psnr"], (sums / len(images)).tolist()))
 
 
 @torch.no_grad()
@@ -115,16 +115,21 @@ def encode_all(model, images, args):
     return torch.cat(codes).float().cpu()
 
 
-def save_checkpoint(model, args, path):
-    """Write to a temporary file, then rename: a crash never leaves a broken model.pt."""
-    state = {"script": "ae.py", "state_dict": model.state_dict(),
+def save_checkpoint(path, model, optimizer, schedule, generator, history, args):
+    """All that --resume needs to go on and --figures-only to redraw, random states included.
+    Written to a temporary file, then renamed: a crash never leaves a broken model.pt."""
+    state = {"script": "ae.py", "state_dict": model.state_dict(), "history": history,
+             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+             "batch_rng": generator.get_state(), "torch_rng": torch.get_rng_state(),
              "args": {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}}
     temporary = path.with_suffix(".tmp")
     torch.save(state, temporary)
     os.replace(temporary, path)
 
 
-def load_checkpoint(model, args, path):
+def load_checkpoint(path, args, flags):
+    """A saved run. The flags that define it (`flags`) are taken from it, and said so; a flag that
+    the command line sets to another value than the saved one is an error naming it."""
     if not path.is_file():
         raise SystemExit(f"error: --checkpoint {path}: no such file (train first: python ae.py)")
     try:
@@ -134,11 +139,26 @@ def load_checkpoint(model, args, path):
     if not isinstance(state, dict) or state.get("script") != "ae.py":
         found = state.get("script", "an unknown script") if isinstance(state, dict) else "an unknown script"
         raise SystemExit(f"error: --checkpoint {path}: saved by {found}, not by ae.py")
-    for flag in ("image_size", "latent_dim"):
-        if state["args"][flag] != getattr(args, flag):
-            raise SystemExit(f"error: --checkpoint {path} has --{flag.replace('_', '-')} {state['args'][flag]}, "
-                             f"but this run has {getattr(args, flag)}; pass the same value")
-    model.load_state_dict(state["state_dict"])
+    defaults, restored = vars(parse_args([])), []
+    for flag in flags:
+        saved, given, name = state["args"][flag], getattr(args, flag), "--" + flag.replace("_", "-")
+        if given != saved and given != defaults[flag]:
+            raise SystemExit(f"error: --checkpoint {path} was trained with {name} {saved}, but this run asks for "
+                             f"{given}; leave {name} out or pass {saved}")
+        if given != saved:
+            setattr(args, flag, saved)
+            restored.append(f"{name} {saved}")
+    print(f"loaded {path} (epoch {len(state['history'])})" + (f", with {' '.join(restored)}" if restored else ""))
+    return state
+
+
+def save_metrics(path, rows, append):
+    """metrics.csv, one row per epoch, appended as each epoch ends so an interrupted run keeps its rows."""
+    with open(path, "a" if append else "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        if not append:
+            writer.writeheader()
+        writer.writerows(rows)
 
 
 # ----------------------------------------------------------------------------- figures and applications
@@ -188,30 +208,34 @@ def precision_at_k(query_labels, catalogue_labels, neighbours):
 
 @torch.no_grad()
 def evaluate_search(model, catalogue, args):
-    """Latent search against raw-pixel search: precision@5 by ProductType and Colour, size, speed."""
+    """Latent search against raw-pixel search: precision@5 by ProductType and Colour, size, speed.
+    The index holds the training products only; the test products are the queries."""
     images, metadata = catalogue.images, catalogue.metadata
     train, test = catalogue.train_index, catalogue.test_index
     # Raw pixels count darkness (1 - pixel), so the white background is zero and does not
     # make every pair of products look alike.
-    vectors = {"latent": (encode_all(model, images[train], args), encode_all(model, images[test], args)),
-               "pixels": ((1 - images[train]).flatten(1), (1 - images[test]).flatten(1))}
+    to_vectors = {"latent": lambda batch: encode_all(model, batch, args), "pixels": lambda batch: (1 - batch).flatten(1)}
     results = {}
-    for name, (index, queries) in vectors.items():
-        tick = time.time()
-        neighbours = search(queries, index)
-        milliseconds = 1000 * (time.time() - tick) / len(queries)
+    for name, to_vector in to_vectors.items():
+        index = to_vector(images[train])
+        neighbours = train[search(to_vector(images[test]), index)]  # (N_test, 5) catalogue rows
+        # A query as a user makes it: one photo to a vector, then the search, timed over 50 queries.
+        tick = time.perf_counter()
+        for i in test[:50].tolist():
+            search(to_vector(images[i:i + 1]), index)
+        milliseconds = 1000 * (time.perf_counter() - tick) / len(test[:50])
         results[name] = {"neighbours": neighbours, "index_mb": index.numel() * 4 / 1e6, "ms_per_query": milliseconds}
         for column in ("ProductType", "Colour"):
             labels = metadata[column].tolist()
             results[name][f"precision@5_{column}"] = precision_at_k(
-                [labels[i] for i in test.tolist()], [labels[i] for i in train.tolist()], neighbours)
-    ratio = vectors["pixels"][0].shape[1] / vectors["latent"][0].shape[1]
+                [labels[i] for i in test.tolist()], labels, neighbours)
+    ratio = images[0].numel() / args.latent_dim
     print(f"search over {len(train)} catalogue products with {len(test)} test queries "
           f"(codes are {ratio:.0f}x smaller than the pixels):")
     for name, result in results.items():
         print(f"  {name:6s}: precision@5 by ProductType {result['precision@5_ProductType']:.3f}, by Colour "
               f"{result['precision@5_Colour']:.3f} | index {result['index_mb']:.1f} MB, "
-              f"{result['ms_per_query']:.3f} ms per query")
+              f"{result['ms_per_query']:.2f} ms per query (encode + search)")
     with open(args.out / "search.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["vectors", "precision@5_ProductType", "precision@5_Colour", "index_mb", "ms_per_query"])
@@ -254,7 +278,7 @@ def make_figures(model, catalogue, history, search_results, args):
     queries = list(dict.fromkeys(pick(metadata, test, "ProductType", t) for t in
                                  ["Tshirts", "Heels", "Sports Shoes", "Dresses", "Flip Flops", "Shorts"]))
     position = {index: row for row, index in enumerate(test.tolist())}
-    found = [catalogue.train_index[search_results["latent"]["neighbours"][position[q]]] for q in queries]
+    found = [search_results["latent"]["neighbours"][position[q]] for q in queries]
     rows = [torch.cat([torch.tensor([q]), f]) for q, f in zip(queries, found)]
     labels = [metadata.at[q, "ProductType"] for q in queries]
     titles = ["query"] + [f"match {i}" for i in range(1, 6)]
@@ -281,70 +305,83 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=Path("out/ae"), help="where figures and model.pt go")
     parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (for GPUs, CPUs with AMX)")
+    # a saved run
     parser.add_argument("--figures-only", action="store_true", help="load the checkpoint, redraw, no training")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="model to load (default: OUT/model.pt)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from the checkpoint")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="the model --figures-only or --resume loads (default: OUT/model.pt)")
     args = parser.parse_args(argv)
     for flag in ("epochs", "batch_size", "latent_dim"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if not args.lr > 0:
         parser.error("--lr must be positive")
+    if args.checkpoint and not (args.figures_only or args.resume):
+        parser.error("--checkpoint names the model to load with --figures-only or --resume; training writes OUT/model.pt")
     return args
+
+
+MODEL_FLAGS = ("latent_dim", "image_size")  # what the model is: always taken from a checkpoint
+TRAINING_FLAGS = ("epochs", "batch_size", "lr", "seed")  # how it was trained: taken from it by --resume
 
 
 def main(argv=None):
     args = parse_args(argv)
     print("ae.py", " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
+    checkpoint, state = args.checkpoint or args.out / "model.pt", None
+    if args.figures_only or args.resume:  # checked before the photos are loaded, so a wrong file fails at once
+        state = load_checkpoint(checkpoint, args, MODEL_FLAGS + (TRAINING_FLAGS if args.resume else ()))
     torch.manual_seed(args.seed)
     args.device = select_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
-    checkpoint = args.checkpoint or args.out / "model.pt"
     model = Autoencoder(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)
-    if args.figures_only:  # checked before the photos are loaded, so a wrong file fails at once
-        load_checkpoint(model, args, checkpoint)
+    if state:
+        model.load_state_dict(state["state_dict"])
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
     print(f"{len(train_images)} training and {len(test_images)} test products, {args.image_size} px")
 
-    history = []
+    history = state["history"] if state else []
     if not args.figures_only:
         # lr defaults to 1e-3 here, not 2e-3 as in vae.py: at 2e-3 this net lost the colours and drew grey.
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
         # Cosine decay of the learning rate: big steps early, small ones to settle at the end.
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
         generator = torch.Generator().manual_seed(args.seed)
-        started = time.time()
-        for epoch in range(1, args.epochs + 1):
-            tick = time.time()
-            train = run_epoch(model, train_images, args, optimizer, generator)
-            test = run_epoch(model, test_images, args)
-            schedule.step()
-            seconds = time.time() - tick
-            if not all(math.isfinite(value) for value in train + test):
-                raise SystemExit(f"error: the loss became non-finite in epoch {epoch} (try a smaller --lr); "
-                                 f"{checkpoint} still holds the model of epoch {epoch - 1}")
-            save_checkpoint(model, args, checkpoint)
-            history.append({"epoch": epoch, "train_loss": train[0], "train_psnr": train[1], "test_loss": test[0],
-                            "test_psnr": test[1], "seconds": seconds, "images_per_second": len(train_images) / seconds})
-            eta = (time.time() - started) / epoch * (args.epochs - epoch)
-            print(f"epoch {epoch:3d}/{args.epochs} | train {train[0]:7.1f} | test {test[0]:7.1f} | "
-                  f"test PSNR {test[1]:5.2f} dB | {seconds:4.1f} s, {len(train_images) / seconds:5.0f} img/s | "
-                  f"ETA {eta:3.0f} s", flush=True)
+        if args.resume:  # everything the next epoch depends on, so it continues as if never stopped
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            generator.set_state(state["batch_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            save_metrics(args.out / "metrics.csv", history, append=False)
+        started, first = time.time(), len(history) + 1
+        try:
+            for epoch in range(first, args.epochs + 1):
+                tick = time.time()
+                train = run_epoch(model, train_images, args, optimizer, generator)
+                test = run_epoch(model, test_images, args)
+                schedule.step()
+                seconds = time.time() - tick
+                if not all(math.isfinite(value) for value in [*train.values(), *test.values()]):
+                    raise SystemExit(f"error: the loss became non-finite in epoch {epoch} (try a smaller --lr); "
+                                     f"{args.out / 'model.pt'} still holds the model of epoch {epoch - 1}")
+                history.append({"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
+                                **{f"test_{k}": v for k, v in test.items()},
+                                "seconds": seconds, "images_per_second": len(train_images) / seconds})
+                save_checkpoint(args.out / "model.pt", model, optimizer, schedule, generator, history, args)
+                save_metrics(args.out / "metrics.csv", history[-1:], append=epoch > 1)
+                eta = (time.time() - started) / (epoch - first + 1) * (args.epochs - epoch)
+                print(f"epoch {epoch:3d}/{args.epochs} | train {train['loss']:7.1f} | test {test['loss']:7.1f} | "
+                      f"test PSNR {test['psnr']:5.2f} dB | {seconds:4.1f} s, {len(train_images) / seconds:5.0f} img/s | "
+                      f"ETA {eta:3.0f} s", flush=True)
+        except KeyboardInterrupt:
+            raise SystemExit(f"interrupted: {args.out / 'model.pt'} holds the last finished epoch; "
+                             f"add --resume to continue") from None
     search_results = evaluate_search(model, catalogue, args)
-    if history:
-        for key in ("precision@5_ProductType", "precision@5_Colour"):  # the search quality, in the metrics
-            for name in ("latent", "pixels"):
-                history[-1][f"{name}_{key}"] = search_results[name][key]
-        with open(args.out / "metrics.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(history[-1]), restval="")
-            writer.writeheader(), writer.writerows(history)
     make_figures(model, catalogue, history, search_results, args)
     final = run_epoch(model, test_images, args)
-    print(f"test: reconstruction {final[0]:.1f} per image, PSNR {final[1]:.2f} dB; figures in {args.out}/")
+    print(f"test: reconstruction {final['loss']:.1f} per image, PSNR {final['psnr']:.2f} dB; figures in {args.out}/")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C: model.pt was last written after a finished epoch, so it is whole
-        raise SystemExit("interrupted: model.pt holds the last finished epoch") from None
+    main()

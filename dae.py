@@ -47,7 +47,10 @@ NOISE_KINDS = ("gaussian", "salt-and-pepper", "occlusion")
 def add_noise(images, kind, strength, generator=None):
     """A corrupted copy of images (B, 3, S, S) in [0, 1]; the input is left untouched."""
     batch, _, size, _ = images.shape
-    if kind == "gaussian":  # every pixel moves by N(0, strength^2)
+    if kind == "gaussian":
+        # N(0, strength^2) is added to every pixel, then clamped to [0, 1]. The clamp matters on
+        # product photos: a white background pixel can only get darker, so half its noise is cut
+        # off, and the noisy photo scores a higher PSNR than the textbook 20 dB at strength 0.1.
         noise = torch.randn(images.shape, generator=generator) * strength
         return (images + noise.to(images.device)).clamp(0, 1)
     if kind == "salt-and-pepper":  # a fraction `strength` of pixels turns black or white
@@ -115,7 +118,7 @@ def psnr(recon, images):
 # ----------------------------------------------------------------------------- training
 def run_epoch(model, images, args, optimizer=None, generator=None):
     """One pass over `images` in batches, noisy in and clean out; trains when given an optimizer.
-    Returns the mean loss, the PSNR of the noisy input and the PSNR of the output."""
+    Returns the means per image: {"loss": ..., "psnr_noisy": (of the input), "psnr": (of the output)}."""
     training = optimizer is not None
     model.train(training)
     order = torch.randperm(len(images), generator=generator) if training else torch.arange(len(images))
@@ -130,9 +133,9 @@ def run_epoch(model, images, args, optimizer=None, generator=None):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        parts = torch.stack([loss, psnr(noisy, batch).mean(), psnr(recon, batch).mean()]).detach().cpu()
-        sums += parts * len(batch)
-    return (sums / len(images)).tolist()
+        # Each batch's means are weighted by its size, so a smaller last batch counts for what it holds.
+        sums += torch.stack([loss, psnr(noisy, batch).mean(), psnr(recon, batch).mean()]).detach().cpu() * len(batch)
+    return dict(zip(["loss", "psnr_noisy", "psnr"], (sums / len(images)).tolist()))
 
 
 @torch.no_grad()
@@ -143,16 +146,21 @@ def denoise_all(model, images, args):
                       for start in range(0, len(images), args.batch_size)])
 
 
-def save_checkpoint(model, args, path):
-    """Write to a temporary file, then rename: a crash never leaves a broken model.pt."""
-    state = {"script": "dae.py", "state_dict": model.state_dict(),
+def save_checkpoint(path, model, optimizer, schedule, generator, history, args):
+    """All that --resume needs to go on and --figures-only to redraw, random states included.
+    Written to a temporary file, then renamed: a crash never leaves a broken model.pt."""
+    state = {"script": "dae.py", "state_dict": model.state_dict(), "history": history,
+             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+             "batch_rng": generator.get_state(), "torch_rng": torch.get_rng_state(),
              "args": {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}}
     temporary = path.with_suffix(".tmp")
     torch.save(state, temporary)
     os.replace(temporary, path)
 
 
-def load_checkpoint(model, args, path):
+def load_checkpoint(path, args, flags):
+    """A saved run. The flags that define it (`flags`) are taken from it, and said so; a flag that
+    the command line sets to another value than the saved one is an error naming it."""
     if not path.is_file():
         raise SystemExit(f"error: --checkpoint {path}: no such file (train first: python dae.py)")
     try:
@@ -162,11 +170,26 @@ def load_checkpoint(model, args, path):
     if not isinstance(state, dict) or state.get("script") != "dae.py":
         found = state.get("script", "an unknown script") if isinstance(state, dict) else "an unknown script"
         raise SystemExit(f"error: --checkpoint {path}: saved by {found}, not by dae.py")
-    for flag in ("image_size", "latent_dim"):
-        if state["args"][flag] != getattr(args, flag):
-            raise SystemExit(f"error: --checkpoint {path} has --{flag.replace('_', '-')} {state['args'][flag]}, "
-                             f"but this run has {getattr(args, flag)}; pass the same value")
-    model.load_state_dict(state["state_dict"])
+    defaults, restored = vars(parse_args([])), []
+    for flag in flags:
+        saved, given, name = state["args"][flag], getattr(args, flag), "--" + flag.replace("_", "-")
+        if given != saved and given != defaults[flag]:
+            raise SystemExit(f"error: --checkpoint {path} was trained with {name} {saved}, but this run asks for "
+                             f"{given}; leave {name} out or pass {saved}")
+        if given != saved:
+            setattr(args, flag, saved)
+            restored.append(f"{name} {saved}")
+    print(f"loaded {path} (epoch {len(state['history'])})" + (f", with {' '.join(restored)}" if restored else ""))
+    return state
+
+
+def save_metrics(path, rows, append):
+    """metrics.csv, one row per epoch, appended as each epoch ends so an interrupted run keeps its rows."""
+    with open(path, "a" if append else "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        if not append:
+            writer.writeheader()
+        writer.writerows(rows)
 
 
 # ----------------------------------------------------------------------------- figures and applications
@@ -278,67 +301,83 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=Path("out/dae"), help="where figures and model.pt go")
     parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (for GPUs, CPUs with AMX)")
+    # a saved run
     parser.add_argument("--figures-only", action="store_true", help="load the checkpoint, redraw, no training")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="model to load (default: OUT/model.pt)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from the checkpoint")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="the model --figures-only or --resume loads (default: OUT/model.pt)")
     args = parser.parse_args(argv)
     for flag in ("epochs", "batch_size", "latent_dim"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if not args.lr > 0:
         parser.error("--lr must be positive")
+    if args.checkpoint and not (args.figures_only or args.resume):
+        parser.error("--checkpoint names the model to load with --figures-only or --resume; training writes OUT/model.pt")
     if not 0 < args.noise_strength < 1:
         parser.error("--noise-strength must be between 0 and 1")
     return args
 
 
+MODEL_FLAGS = ("latent_dim", "image_size", "noise", "noise_strength")  # what the model is: always taken from a checkpoint
+TRAINING_FLAGS = ("epochs", "batch_size", "lr", "seed")  # how it was trained: taken from it by --resume
+
+
 def main(argv=None):
     args = parse_args(argv)
     print("dae.py", " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
+    checkpoint, state = args.checkpoint or args.out / "model.pt", None
+    if args.figures_only or args.resume:  # checked before the photos are loaded, so a wrong file fails at once
+        state = load_checkpoint(checkpoint, args, MODEL_FLAGS + (TRAINING_FLAGS if args.resume else ()))
     torch.manual_seed(args.seed)
     args.device = select_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
-    checkpoint = args.checkpoint or args.out / "model.pt"
     model = DenoisingAutoencoder(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)
-    if args.figures_only:  # checked before the photos are loaded, so a wrong file fails at once
-        load_checkpoint(model, args, checkpoint)
+    if state:
+        model.load_state_dict(state["state_dict"])
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
     print(f"{len(train_images)} training and {len(test_images)} test products, {args.image_size} px")
 
-    history = []
+    history = state["history"] if state else []
     if not args.figures_only:
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
         # Cosine decay of the learning rate: big steps early, small ones to settle at the end.
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
         generator = torch.Generator().manual_seed(args.seed)
-        started = time.time()
-        for epoch in range(1, args.epochs + 1):
-            tick = time.time()
-            train = run_epoch(model, train_images, args, optimizer, generator)
-            test = run_epoch(model, test_images, args)
-            schedule.step()
-            seconds = time.time() - tick
-            if not all(math.isfinite(value) for value in train + test):
-                raise SystemExit(f"error: the loss became non-finite in epoch {epoch} (try a smaller --lr); "
-                                 f"{checkpoint} still holds the model of epoch {epoch - 1}")
-            save_checkpoint(model, args, checkpoint)
-            history.append({"epoch": epoch, "train_loss": train[0], "test_loss": test[0], "test_psnr_noisy": test[1],
-                            "test_psnr": test[2], "seconds": seconds, "images_per_second": len(train_images) / seconds})
-            eta = (time.time() - started) / epoch * (args.epochs - epoch)
-            print(f"epoch {epoch:3d}/{args.epochs} | train {train[0]:6.1f} | test {test[0]:6.1f} | test PSNR noisy "
-                  f"{test[1]:5.2f} -> DAE {test[2]:5.2f} dB | {seconds:4.1f} s, {len(train_images) / seconds:5.0f} img/s | "
-                  f"ETA {eta:3.0f} s", flush=True)
-    if history:
-        with open(args.out / "metrics.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(history[0]))
-            writer.writeheader(), writer.writerows(history)
+        if args.resume:  # everything the next epoch depends on, so it continues as if never stopped
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            generator.set_state(state["batch_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            save_metrics(args.out / "metrics.csv", history, append=False)
+        started, first = time.time(), len(history) + 1
+        try:
+            for epoch in range(first, args.epochs + 1):
+                tick = time.time()
+                train = run_epoch(model, train_images, args, optimizer, generator)
+                test = run_epoch(model, test_images, args)
+                schedule.step()
+                seconds = time.time() - tick
+                if not all(math.isfinite(value) for value in [*train.values(), *test.values()]):
+                    raise SystemExit(f"error: the loss became non-finite in epoch {epoch} (try a smaller --lr); "
+                                     f"{args.out / 'model.pt'} still holds the model of epoch {epoch - 1}")
+                history.append({"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
+                                **{f"test_{k}": v for k, v in test.items()},
+                                "seconds": seconds, "images_per_second": len(train_images) / seconds})
+                save_checkpoint(args.out / "model.pt", model, optimizer, schedule, generator, history, args)
+                save_metrics(args.out / "metrics.csv", history[-1:], append=epoch > 1)
+                eta = (time.time() - started) / (epoch - first + 1) * (args.epochs - epoch)
+                print(f"epoch {epoch:3d}/{args.epochs} | train {train['loss']:6.1f} | test {test['loss']:6.1f} | test "
+                      f"PSNR noisy {test['psnr_noisy']:5.2f} -> DAE {test['psnr']:5.2f} dB | {seconds:4.1f} s, "
+                      f"{len(train_images) / seconds:5.0f} img/s | ETA {eta:3.0f} s", flush=True)
+        except KeyboardInterrupt:
+            raise SystemExit(f"interrupted: {args.out / 'model.pt'} holds the last finished epoch; "
+                             f"add --resume to continue") from None
     _, outputs = evaluate_denoising(model, catalogue, args)
     make_figures(model, catalogue, history, outputs, args)
     print(f"figures in {args.out}/")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C: model.pt was last written after a finished epoch, so it is whole
-        raise SystemExit("interrupted: model.pt holds the last finished epoch") from None
+    main()

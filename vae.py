@@ -76,23 +76,35 @@ class VAE(nn.Module):
         return self.decoder(features)  # (B, 3, S, S), in [0, 1]
 
     def forward(self, images):
+        # Training decodes a sampled z, as the ELBO asks; evaluation decodes the mean mu, the
+        # model's best guess, so test PSNR compares like for like with ae.py's deterministic code.
         mu, logvar = self.encode(images)
-        return self.decode(self.reparameterize(mu, logvar)), mu, logvar
+        z = self.reparameterize(mu, logvar) if self.training else mu
+        return self.decode(z), mu, logvar
 
 
 # ----------------------------------------------------------------------------- loss
 def vae_loss(recon, images, mu, logvar, beta=1.0):
-    """Negative ELBO per image, averaged over the batch: returns (total, reconstruction, kl).
+    """Negative ELBO per image, averaged over the batch: {"loss", "reconstruction", "kl", "variance"}.
 
     Both terms are sums per image (over its pixels, over its latent dimensions), so they are on
     the same scale and beta means what it says; then each is averaged over the batch.
     """
-    # reconstruction = sum_pixels (x_hat - x)^2     (a Gaussian log-likelihood, up to constants)
-    reconstruction = ((recon - images) ** 2).flatten(1).sum(dim=1).mean()
+    # The decoder says how likely the photo is: p(x|z) = N(x; x_hat, sigma^2) for each of its D
+    # pixel values. sigma^2 is a modelling choice and a hidden beta: the plain sum of squared
+    # errors is this likelihood with sigma^2 = 1/2, while real errors are ~100x smaller, so it
+    # weighs the KL ~100x too much and draws blurry images. We use the sigma^2 that makes the
+    # photos most likely: the batch's mean squared error (Rybkin et al. 2021, "Simple and
+    # Effective VAE Training with Calibrated Decoders"), a constant for the gradient step.
+    # reconstruction = -log p(x|z) = sum_pixels (x - x_hat)^2 / (2 sigma^2) + D/2 * log(2 pi sigma^2)
+    squared_error = ((recon - images) ** 2).flatten(1).sum(dim=1)  # (B,)
+    pixels = images[0].numel()  # D
+    variance = (squared_error.mean() / pixels).detach().clamp_min(1e-6)
+    reconstruction = (squared_error / (2 * variance) + pixels / 2 * torch.log(2 * math.pi * variance)).mean()
     # KL(N(mu, sigma^2) || N(0, 1)) = -1/2 * sum_latent (1 + log sigma^2 - mu^2 - sigma^2)
     # (Kingma & Welling 2014, appendix B); it is >= 0 and 0 only when mu = 0 and sigma = 1.
     kl = (-0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(dim=1)).mean()
-    return reconstruction + beta * kl, reconstruction, kl
+    return {"loss": reconstruction + beta * kl, "reconstruction": reconstruction, "kl": kl, "variance": variance}
 
 
 def psnr(recon, images):
@@ -103,24 +115,24 @@ def psnr(recon, images):
 
 # ----------------------------------------------------------------------------- training
 def run_epoch(model, images, args, optimizer=None, generator=None):
-    """One pass over `images` in batches; trains when given an optimizer. Returns the mean
-    total, reconstruction, KL and PSNR over the images."""
+    """One pass over `images` in batches; trains when given an optimizer. Returns the means per
+    image: {"loss": (negative ELBO), "reconstruction", "kl", "variance": (the decoder's), "psnr"}."""
     training = optimizer is not None
     model.train(training)
     order = torch.randperm(len(images), generator=generator) if training else torch.arange(len(images))
-    sums = torch.zeros(4)
+    sums = torch.zeros(5)
     for start in range(0, len(images), args.batch_size):
         batch = images[order[start:start + args.batch_size]].to(args.device, memory_format=torch.channels_last)
         with torch.set_grad_enabled(training), torch.autocast(args.device.type, torch.bfloat16, enabled=args.bf16):
             recon, mu, logvar = model(batch)
-        total, reconstruction, kl = vae_loss(recon.float(), batch, mu.float(), logvar.float(), args.beta)
+        losses = vae_loss(recon.float(), batch, mu.float(), logvar.float(), args.beta)
         if training:
             optimizer.zero_grad()
-            total.backward()
+            losses["loss"].backward()
             optimizer.step()
-        parts = torch.stack([total, reconstruction, kl, psnr(recon.float(), batch).mean()]).detach().cpu()
-        sums += parts * len(batch)
-    return (sums / len(images)).tolist()
+        # Each batch's means are weighted by its size, so a smaller last batch counts for what it holds.
+        sums += torch.stack([*losses.values(), psnr(recon.float(), batch).mean()]).detach().cpu() * len(batch)
+    return dict(zip([*losses, "psnr"], (sums / len(images)).tolist()))
 
 
 @torch.no_grad()
@@ -134,21 +146,46 @@ def encode_all(model, images, args):
         recon = model.decode(mu)
         for i in range(len(batch)):  # one image at a time, so that the products can be ranked
             one = slice(i, i + 1)
-            losses.append(vae_loss(recon[one], batch[one], mu[one], logvar[one], args.beta)[0])
+            losses.append(vae_loss(recon[one], batch[one], mu[one], logvar[one], args.beta)["loss"])
         means.append(mu)
     return torch.cat(means).cpu(), torch.stack(losses).cpu()
 
 
-def save_checkpoint(model, args, path):
-    """Write to a temporary file, then rename: a crash never leaves a broken model.pt."""
-    state = {"script": "vae.py", "state_dict": model.state_dict(),
-             "args": {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}}
+def fit_code_distribution(codes, ridge=1e-3):
+    """A Gaussian with full covariance fitted to the training codes (the latent means mu).
+
+    The KL term pulls codes towards N(0, I) but never all the way: with a sharp decoder the codes
+    fill a smaller, tilted region, and z ~ N(0, I) often lands where no product's code is. Sampling
+    from a Gaussian fitted to where the codes really are ("ex-post density estimation", Ghosh et
+    al. 2019, "From Variational to Deterministic Autoencoders") draws products, not smudges.
+    The small ridge keeps the covariance invertible when there are fewer codes than dimensions.
+    """
+    covariance = torch.cov(codes.T) + ridge * torch.eye(codes.shape[1])  # (latent, latent)
+    return {"mean": codes.mean(0), "covariance": covariance}
+
+
+def sample_codes(distribution, count, generator):
+    """z = mean + L eps, eps ~ N(0, I), with L L^T = covariance (Cholesky): z has that mean and covariance."""
+    eps = torch.randn(count, len(distribution["mean"]), generator=generator)
+    return distribution["mean"] + eps @ torch.linalg.cholesky(distribution["covariance"]).T
+
+
+def save_checkpoint(path, model, optimizer, schedule, generator, history, args, **extra):
+    """All that --resume needs to go on and --figures-only to redraw, random states included.
+    Written to a temporary file, then renamed: a crash never leaves a broken model.pt."""
+    state = {"script": "vae.py", "state_dict": model.state_dict(), "history": history,
+             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+             "batch_rng": generator.get_state(), "torch_rng": torch.get_rng_state(),
+             "args": {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()},
+             **extra}
     temporary = path.with_suffix(".tmp")
     torch.save(state, temporary)
     os.replace(temporary, path)
 
 
-def load_checkpoint(model, args, path):
+def load_checkpoint(path, args, flags):
+    """A saved run. The flags that define it (`flags`) are taken from it, and said so; a flag that
+    the command line sets to another value than the saved one is an error naming it."""
     if not path.is_file():
         raise SystemExit(f"error: --checkpoint {path}: no such file (train first: python vae.py)")
     try:
@@ -158,11 +195,26 @@ def load_checkpoint(model, args, path):
     if not isinstance(state, dict) or state.get("script") != "vae.py":
         found = state.get("script", "an unknown script") if isinstance(state, dict) else "an unknown script"
         raise SystemExit(f"error: --checkpoint {path}: saved by {found}, not by vae.py")
-    for flag in ("image_size", "latent_dim"):
-        if state["args"][flag] != getattr(args, flag):
-            raise SystemExit(f"error: --checkpoint {path} has --{flag.replace('_', '-')} {state['args'][flag]}, "
-                             f"but this run has {getattr(args, flag)}; pass the same value")
-    model.load_state_dict(state["state_dict"])
+    defaults, restored = vars(parse_args([])), []
+    for flag in flags:
+        saved, given, name = state["args"][flag], getattr(args, flag), "--" + flag.replace("_", "-")
+        if given != saved and given != defaults[flag]:
+            raise SystemExit(f"error: --checkpoint {path} was trained with {name} {saved}, but this run asks for "
+                             f"{given}; leave {name} out or pass {saved}")
+        if given != saved:
+            setattr(args, flag, saved)
+            restored.append(f"{name} {saved}")
+    print(f"loaded {path} (epoch {len(state['history'])})" + (f", with {' '.join(restored)}" if restored else ""))
+    return state
+
+
+def save_metrics(path, rows, append):
+    """metrics.csv, one row per epoch, appended as each epoch ends so an interrupted run keeps its rows."""
+    with open(path, "a" if append else "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        if not append:
+            writer.writeheader()
+        writer.writerows(rows)
 
 
 # ----------------------------------------------------------------------------- figures and applications
@@ -195,24 +247,58 @@ def pick(metadata, index, column, value):
     return matches[0] if matches else index[0].item()
 
 
+def attribute_direction(codes, metadata, train_index, column, value, category):
+    """The mean code of the training products with `value` in `column` minus the mean code of the
+    other training products, within one Category: most black products are shoes, so across
+    categories the "black" direction would also turn a T-shirt into a shoe. Test products never
+    count. Zero when either side is empty."""
+    train = torch.zeros(len(codes), dtype=torch.bool)
+    train[train_index] = True
+    same = train & torch.tensor((metadata["Category"] == category).values)
+    has = torch.tensor((metadata[column] == value).values)
+    inside, outside = same & has, same & ~has
+    if not (inside.any() and outside.any()):
+        return torch.zeros(codes.shape[1])
+    return codes[inside].mean(0) - codes[outside].mean(0)
+
+
+def write_samples(model, code_distribution, count, args):
+    """`count` new products, sampled where the training codes are, as PNG files in OUT/samples/."""
+    from PIL import Image
+
+    (args.out / "samples").mkdir(exist_ok=True)
+    z = sample_codes(code_distribution, count, torch.Generator().manual_seed(args.seed + 2))
+    with torch.no_grad():
+        new = model.eval().decode(z.to(args.device)).cpu()
+    for i, image in enumerate(new):
+        Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(
+            args.out / "samples" / f"sample_{i:04d}.png")
+
+
 @torch.no_grad()
-def make_figures(model, catalogue, history, samples_by_epoch, args):
+def make_figures(model, catalogue, history, samples_by_epoch, code_distribution, args):
     import matplotlib.pyplot as plt
 
     model.eval()
     out, images, metadata, test = args.out, catalogue.images, catalogue.metadata, catalogue.test_index
-    decode = lambda z: model.decode(z.to(args.device)).cpu()
+
+    def decode(z):
+        return model.decode(z.to(args.device)).cpu()
+
     # Fixed test products, spread over the (sorted) test set: the same ones every run.
     shown = test[torch.linspace(0, len(test) - 1, 10).long()]
     recon = decode(model.encode(images[shown].to(args.device))[0])
     show_rows([images[shown], recon], ["original", "VAE"], "Test products and their reconstructions",
               out / "reconstructions.png")
-    # Application 1, new product ideas: decode a fixed batch of z ~ N(0, I).
-    z = torch.randn(40, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
-    samples = decode(z)
-    show_rows(list(samples.split(10)), [""] * 4, "New products: decoded samples z ~ N(0, I)", out / "samples.png")
-    show_rows([s for _, s in samples_by_epoch], [f"epoch {e}" for e, _ in samples_by_epoch],
-              "The same 10 latent codes decoded as training goes on", out / "samples_by_epoch.png")
+    # Application 1, new product ideas: 20 codes from the prior N(0, I) and 20 from the Gaussian
+    # fitted to the training codes; the same seed draws the same eps for both, so they pair up.
+    prior = torch.randn(20, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
+    fitted = sample_codes(code_distribution, 20, torch.Generator().manual_seed(args.seed))
+    show_rows([*decode(prior).split(10), *decode(fitted).split(10)], ["prior", "prior", "fitted", "fitted"],
+              "New products: z ~ N(0, I) (prior) and z ~ Gaussian fitted to the codes (fitted)", out / "samples.png")
+    if samples_by_epoch:  # only training can draw this one: --figures-only redraws it from the checkpoint
+        show_rows([s for _, s in samples_by_epoch], [f"epoch {e}" for e, _ in samples_by_epoch],
+                  "The same 10 latent codes z ~ N(0, I) decoded as training goes on", out / "samples_by_epoch.png")
     # Interpolations: walk in a straight line between the codes of two real test products.
     pairs = [("ProductType", "Sports Shoes", "Heels"), ("ProductType", "Tshirts", "Dresses"),
              ("ProductType", "Casual Shoes", "Flip Flops"), ("ProductType", "Shorts", "Tops")]
@@ -225,8 +311,8 @@ def make_figures(model, catalogue, history, samples_by_epoch, args):
         labels.append(f"{metadata.at[ends[0], column]}\n-> {metadata.at[ends[1], column]}"[:40])
     show_rows(rows, labels, "Interpolating between two test products in latent space", out / "interpolations.png")
     # A 2-D map of the test set: the two principal directions of the latent means.
-    mu_test, loss_test = encode_all(model, images[test], args)
-    centred = mu_test - mu_test.mean(0)
+    codes, losses = encode_all(model, images, args)  # every product: (N, latent), (N,)
+    centred = codes[test] - codes[test].mean(0)
     _, _, directions = torch.linalg.svd(centred, full_matrices=False)  # PCA by hand
     xy = centred @ directions[:2].T  # (N_test, 2)
     figure, axes = plt.subplots(1, 2, figsize=(10, 4.5))
@@ -236,36 +322,32 @@ def make_figures(model, catalogue, history, samples_by_epoch, args):
             axis.scatter(xy[mask, 0], xy[mask, 1], s=8, label=value or "(none)")
         axis.set(title=f"Test latent means (PCA), by {column}", xlabel="PC 1", ylabel="PC 2")
         axis.legend(fontsize=8)
-    figure.tight_layout(), figure.savefig(out / "latent_map.png", dpi=100), plt.close(figure)
-    # Loss curves, with reconstruction and KL apart.
+    figure.tight_layout()
+    figure.savefig(out / "latent_map.png", dpi=100)
+    plt.close(figure)
+    # Loss curves, with reconstruction and KL apart, and the decoder's variance sigma^2.
     if history:
-        figure, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-        for axis, key in zip(axes, ["total", "reconstruction", "kl"]):
+        figure, axes = plt.subplots(1, 4, figsize=(15, 3.5))
+        for axis, key in zip(axes, ["loss", "reconstruction", "kl", "variance"]):
             axis.plot([h["epoch"] for h in history], [h[f"train_{key}"] for h in history], label="train")
             axis.plot([h["epoch"] for h in history], [h[f"test_{key}"] for h in history], label="test")
-            axis.set(title=f"{key} per image", xlabel="epoch"), axis.legend()
-        figure.tight_layout(), figure.savefig(out / "loss_curves.png", dpi=100), plt.close(figure)
-    # Application 2, attribute edits: the mean code of black products minus the mean code of the
-    # others is a "make it black" direction. Most black products are shoes, so it is taken within
-    # the product's own Category; across categories it would also turn a T-shirt into a shoe.
-    mu_train, _ = encode_all(model, images[catalogue.train_index], args)
-    train_rows = metadata.iloc[catalogue.train_index.tolist()]
-    black, category = (train_rows["Colour"] == "Black").values, train_rows["Category"].values
+            axis.set(title=f"{key} per image" if key != "variance" else "decoder variance sigma^2", xlabel="epoch")
+            axis.legend()
+        axes[3].set_yscale("log")
+        figure.tight_layout()
+        figure.savefig(out / "loss_curves.png", dpi=100)
+        plt.close(figure)
+    # Application 2, attribute edits: add the "Black" direction to the codes of products of other colours.
     edited = [i for i in shown.tolist() if metadata.at[i, "Colour"] != "Black"][:6] or shown[:6].tolist()
-    directions = []
-    for i in edited:
-        same = torch.tensor(category == metadata.at[i, "Category"])
-        inside, outside = same & torch.tensor(black), same & torch.tensor(~black)
-        directions.append(mu_train[inside].mean(0) - mu_train[outside].mean(0) if inside.any() and outside.any()
-                          else torch.zeros(args.latent_dim))
-    mu = model.encode(images[edited].to(args.device))[0].cpu()
+    directions = torch.stack([attribute_direction(codes, metadata, catalogue.train_index, "Colour", "Black",
+                                                  metadata.at[i, "Category"]) for i in edited])
     strengths = [0, 0.5, 1, 1.5]
-    rows = [decode(mu + s * torch.stack(directions)) for s in strengths]
+    rows = [decode(codes[edited] + s * directions) for s in strengths]
     show_rows(rows, [f"+{s} x black" for s in strengths], 'Attribute edit: adding the "Black" direction',
               out / "attribute_edit.png")
     # Application 3, catalogue QA: the test products the model finds least likely.
-    worst = test[loss_test.argsort(descending=True)[:8]]
-    show_rows([images[worst], decode(model.encode(images[worst].to(args.device))[0])], ["photo", "VAE"],
+    worst = test[losses[test].argsort(descending=True)[:8]]
+    show_rows([images[worst], decode(codes[worst])], ["photo", "VAE"],
               "Catalogue QA: the 8 least likely test products (highest negative ELBO)", out / "catalogue_qa.png")
 
 
@@ -287,8 +369,11 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=Path("out/vae"), help="where figures and model.pt go")
     parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (for GPUs, CPUs with AMX)")
+    # a saved run
     parser.add_argument("--figures-only", action="store_true", help="load the checkpoint, redraw, no training")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="model to load (default: OUT/model.pt)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from the checkpoint")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="the model --figures-only or --resume loads (default: OUT/model.pt)")
     parser.add_argument("--num-samples", type=int, default=0, help="also write N new products to OUT/samples/")
     args = parser.parse_args(argv)
     for flag in ("epochs", "batch_size", "latent_dim"):
@@ -296,81 +381,95 @@ def parse_args(argv=None):
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if not args.lr > 0:
         parser.error("--lr must be positive")
+    if args.checkpoint and not (args.figures_only or args.resume):
+        parser.error("--checkpoint names the model to load with --figures-only or --resume; training writes OUT/model.pt")
     if args.beta < 0 or args.num_samples < 0:
         parser.error("--beta and --num-samples cannot be negative")
     return args
 
 
+MODEL_FLAGS = ("latent_dim", "image_size", "beta")  # what the model is: always taken from a checkpoint
+TRAINING_FLAGS = ("epochs", "batch_size", "lr", "seed")  # how it was trained: taken from it by --resume
+
+
 def main(argv=None):
     args = parse_args(argv)
     print("vae.py", " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
+    checkpoint, state = args.checkpoint or args.out / "model.pt", None
+    if args.figures_only or args.resume:  # checked before the photos are loaded, so a wrong file fails at once
+        state = load_checkpoint(checkpoint, args, MODEL_FLAGS + (TRAINING_FLAGS if args.resume else ()))
     torch.manual_seed(args.seed)
     args.device = select_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
-    checkpoint = args.checkpoint or args.out / "model.pt"
     model = VAE(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)
-    if args.figures_only:  # checked before the photos are loaded, so a wrong file fails at once
-        load_checkpoint(model, args, checkpoint)
+    if state:
+        model.load_state_dict(state["state_dict"])
+    history = state["history"] if state else []
+    # The same 10 codes decoded after some epochs show training at work; kept in the checkpoint.
+    fixed_z = torch.randn(10, args.latent_dim, generator=torch.Generator().manual_seed(args.seed + 1))
+    samples_by_epoch = state["samples_by_epoch"] if state else []
+    code_distribution = state.get("code_distribution") if state else None
+    if args.figures_only and args.num_samples:  # the checkpoint is all that sampling needs: no photos
+        if code_distribution is None:
+            raise SystemExit(f"error: --num-samples: {checkpoint} is a run stopped at epoch {len(history)} of "
+                             f"{state['args']['epochs']}, with no code distribution yet; finish it with --resume first")
+        write_samples(model, code_distribution, args.num_samples, args)
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
     print(f"{len(train_images)} training and {len(test_images)} test products, {args.image_size} px")
 
-    history, fixed_z = [], torch.randn(10, args.latent_dim, generator=torch.Generator().manual_seed(args.seed + 1))
-    samples_by_epoch = []
     if not args.figures_only:
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
         # Cosine decay of the learning rate: big steps early, small ones to settle at the end.
         # No KL warm-up (beta growing from 0): it exists to stop the KL term from collapsing the
-        # code early, and here the KL holds at ~45 per image from the second epoch on.
+        # code early, and here the KL holds steady from the second epoch on.
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
         generator = torch.Generator().manual_seed(args.seed)
-        started = time.time()
-        for epoch in range(1, args.epochs + 1):
-            tick = time.time()
-            train = run_epoch(model, train_images, args, optimizer, generator)
-            test = run_epoch(model, test_images, args)
-            schedule.step()
-            seconds = time.time() - tick
-            if not all(math.isfinite(value) for value in train + test):
-                raise SystemExit(f"error: the loss became non-finite in epoch {epoch} (try a smaller --lr or "
-                                 f"--beta); {checkpoint} still holds the model of epoch {epoch - 1}")
-            save_checkpoint(model, args, checkpoint)
-            names = ["total", "reconstruction", "kl", "psnr"]
-            history.append({"epoch": epoch, **{f"train_{n}": v for n, v in zip(names, train)},
-                            **{f"test_{n}": v for n, v in zip(names, test)},
-                            "seconds": seconds, "images_per_second": len(train_images) / seconds})
-            eta = (time.time() - started) / epoch * (args.epochs - epoch)
-            print(f"epoch {epoch:3d}/{args.epochs} | train {train[0]:7.1f} (rec {train[1]:7.1f} + kl {train[2]:5.1f})"
-                  f" | test {test[0]:7.1f} (rec {test[1]:7.1f} + kl {test[2]:5.1f}) | test PSNR {test[3]:5.2f} dB"
-                  f" | {seconds:4.1f} s, {len(train_images) / seconds:5.0f} img/s | ETA {eta:3.0f} s", flush=True)
-            if epoch in (1, 2, 5, 10, 20) or epoch == args.epochs:
-                model.eval()
-                with torch.no_grad():
-                    samples_by_epoch.append((epoch, model.decode(fixed_z.to(args.device)).cpu()))
-        with open(args.out / "metrics.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(history[0]))
-            writer.writeheader(), writer.writerows(history)
-    if not samples_by_epoch:
-        with torch.no_grad():
-            samples_by_epoch = [("final", model.eval().decode(fixed_z.to(args.device)).cpu())]
-    make_figures(model, catalogue, history, samples_by_epoch, args)
-    if args.num_samples:
-        from PIL import Image
-
-        (args.out / "samples").mkdir(exist_ok=True)
-        with torch.no_grad():
-            z = torch.randn(args.num_samples, args.latent_dim, generator=torch.Generator().manual_seed(args.seed + 2))
-            new = model.eval().decode(z.to(args.device)).cpu()
-        for i, image in enumerate(new):
-            pixels = (image.permute(1, 2, 0) * 255).round().byte().numpy()
-            Image.fromarray(pixels).save(args.out / "samples" / f"sample_{i:04d}.png")
+        if args.resume:  # everything the next epoch depends on, so it continues as if never stopped
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            generator.set_state(state["batch_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            save_metrics(args.out / "metrics.csv", history, append=False)
+        started, first = time.time(), len(history) + 1
+        try:
+            for epoch in range(first, args.epochs + 1):
+                tick = time.time()
+                train = run_epoch(model, train_images, args, optimizer, generator)
+                test = run_epoch(model, test_images, args)
+                schedule.step()
+                seconds = time.time() - tick
+                if not all(math.isfinite(value) for value in [*train.values(), *test.values()]):
+                    raise SystemExit(f"error: the loss became non-finite in epoch {epoch} (try a smaller --lr or --beta); "
+                                     f"{args.out / 'model.pt'} still holds the model of epoch {epoch - 1}")
+                history.append({"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
+                                **{f"test_{k}": v for k, v in test.items()},
+                                "seconds": seconds, "images_per_second": len(train_images) / seconds})
+                if epoch in (1, 2, 5, 10, 20) or epoch == args.epochs:
+                    with torch.no_grad():
+                        samples_by_epoch.append((epoch, model.eval().decode(fixed_z.to(args.device)).cpu()))
+                if epoch == args.epochs:  # the model is final: fit where its codes are, for sampling
+                    code_distribution = fit_code_distribution(encode_all(model, train_images, args)[0])
+                save_checkpoint(args.out / "model.pt", model, optimizer, schedule, generator, history, args,
+                                samples_by_epoch=samples_by_epoch, code_distribution=code_distribution)
+                save_metrics(args.out / "metrics.csv", history[-1:], append=epoch > 1)
+                eta = (time.time() - started) / (epoch - first + 1) * (args.epochs - epoch)
+                print(f"epoch {epoch:3d}/{args.epochs} | train {train['loss']:7.1f} (rec {train['reconstruction']:7.1f}"
+                      f" + kl {train['kl']:5.1f}) | test {test['loss']:7.1f} (rec {test['reconstruction']:7.1f} + kl "
+                      f"{test['kl']:5.1f}) | test PSNR {test['psnr']:5.2f} dB | {seconds:4.1f} s, "
+                      f"{len(train_images) / seconds:5.0f} img/s | ETA {eta:3.0f} s", flush=True)
+        except KeyboardInterrupt:
+            raise SystemExit(f"interrupted: {args.out / 'model.pt'} holds the last finished epoch; "
+                             f"add --resume to continue") from None
+    if code_distribution is None:  # a run stopped before its last epoch: fit to the codes it has now
+        code_distribution = fit_code_distribution(encode_all(model, train_images, args)[0])
+    make_figures(model, catalogue, history, samples_by_epoch, code_distribution, args)
+    if args.num_samples and not args.figures_only:
+        write_samples(model, code_distribution, args.num_samples, args)
     final = run_epoch(model, test_images, args)
-    print(f"test: negative ELBO {final[0]:.1f} = reconstruction {final[1]:.1f} + {args.beta} x KL {final[2]:.1f}, "
-          f"PSNR {final[3]:.2f} dB; figures in {args.out}/")
+    print(f"test (z = mu): negative ELBO {final['loss']:.1f} = reconstruction {final['reconstruction']:.1f} + "
+          f"{args.beta} x KL {final['kl']:.1f}, PSNR {final['psnr']:.2f} dB; figures in {args.out}/")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C: model.pt was last written after a finished epoch, so it is whole
-        raise SystemExit("interrupted: model.pt holds the last finished epoch") from None
+    main()

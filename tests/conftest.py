@@ -1,4 +1,7 @@
-"""A tiny product catalogue in the real dataset's layout, shared by the scripts' smoke tests."""
+"""A tiny product catalogue in the real dataset's layout, shared by the scripts' smoke tests, and
+stand-ins for testing a training loop."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -49,3 +52,20 @@ def losses_over_steps(make_model, loss_of_batch, steps=15):
         optimizer.zero_grad(), loss.backward(), optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+class Constant(torch.nn.Module):
+    """A stand-in model whose output is known: every pixel 0.5, whatever the input."""
+
+    def forward(self, images):
+        return torch.full_like(images, 0.5)
+
+
+def epoch_args(**extra):
+    """The few flags run_epoch reads, for batches of 4 on the CPU."""
+    return SimpleNamespace(batch_size=4, device=torch.device("cpu"), bf16=False, **extra)
+
+
+def per_image_mean(values_of_image, images):
+    """The mean over images of a value computed one image at a time: what run_epoch must return."""
+    return sum(values_of_image(images[i:i + 1]) for i in range(len(images))) / len(images)

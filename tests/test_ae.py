@@ -1,10 +1,14 @@
 """ae.py: shapes, the loss, search and precision@k, training, end to end."""
 
+import math
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import ae
-from conftest import losses_over_steps
+import common
+from conftest import Constant, epoch_args, losses_over_steps, per_image_mean
 
 
 @pytest.mark.parametrize("image_size, latent_dim", [(32, 8), (64, 128), (128, 16)])
@@ -40,6 +44,14 @@ def test_a_few_steps_on_one_batch_lower_the_loss():
     assert losses[-1] < 0.9 * losses[0]
 
 
+def test_run_epoch_returns_per_image_means_also_when_the_last_batch_is_smaller():
+    torch.manual_seed(0)
+    images = torch.rand(10, 3, 8, 8)  # batches of 4, 4 and 2
+    result = ae.run_epoch(Constant(), images, epoch_args())
+    assert result["loss"] == pytest.approx(per_image_mean(lambda x: ((x - 0.5) ** 2).sum().item(), images))
+    assert result["psnr"] == pytest.approx(per_image_mean(lambda x: -10 * math.log10(((x - 0.5) ** 2).mean()), images))
+
+
 def test_search_ranks_an_exact_duplicate_first():
     torch.manual_seed(0)
     catalogue = torch.randn(50, 16)
@@ -62,8 +74,17 @@ def test_main_trains_writes_every_output_and_reloads_for_figures_only(smoke_flag
     for name in ["reconstructions.png", "latent_map.png", "loss_curves.png", "search.png", "search_outputs.png",
                  "search.csv", "metrics.csv", "model.pt"]:
         assert (out / name).is_file(), name
-    assert "latent_precision@5_ProductType" in (out / "metrics.csv").read_text()
+    assert "precision@5_ProductType" in (out / "search.csv").read_text()
     before = (out / "model.pt").read_bytes()
     (out / "search.png").unlink()
     ae.main([*flags, "--figures-only"])
     assert (out / "search.png").is_file() and (out / "model.pt").read_bytes() == before
+
+
+def test_the_search_index_holds_training_products_only(tiny_catalogue, tmp_path):
+    catalogue = common.load_catalogue(tiny_catalogue, image_size=32)
+    args = SimpleNamespace(batch_size=8, device=torch.device("cpu"), out=tmp_path, latent_dim=8)
+    torch.manual_seed(0)
+    results = ae.evaluate_search(ae.Autoencoder(32, 8), catalogue, args)
+    for name in ("latent", "pixels"):  # a test product in the index would be its own first neighbour
+        assert set(results[name]["neighbours"].flatten().tolist()) <= set(catalogue.train_index.tolist())

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 import common
 from conftest import CSV_HEADER
@@ -33,7 +33,9 @@ def make_kaggle_layout(root, ids_per_folder=3, extra_csv_rows=(), images_without
         folder.mkdir(parents=True)
         for _ in range(ids_per_folder):
             product_id += 1
-            product_photo(colour=(product_id % 256, 80, 160)).save(folder / f"{product_id}.jpg")
+            colour = ((product_id * 97) % 256, (product_id * 57) % 256, (product_id * 31) % 256)  # far apart
+            # Softened like a real photo: the JPEG ringing of razor-sharp edges would shift its frame.
+            product_photo(colour=colour).filter(ImageFilter.GaussianBlur(2)).save(folder / f"{product_id}.jpg")
             rows.append(f"{product_id},{gender},{category},Sub,Type{product_id % 2},Red,Casual,Title {product_id},"
                         f"{product_id}.jpg,http://x/{product_id}.jpg\n")
     for name in images_without_rows:  # photos that fashion.csv does not list
@@ -178,6 +180,31 @@ def test_split_is_deterministic_disjoint_and_the_same_at_every_size(tmp_path):
     assert not train & test and len(train | test) == 32 and len(test) == 3  # 10 % of 32, rounded
     assert torch.equal(small.test_index, large.test_index)
     assert torch.equal(small.test_index, load(root, tmp_path, size=32).test_index)
+
+
+def test_copies_of_a_photo_stay_on_one_side_of_the_split(tmp_path, capsys):
+    root = make_kaggle_layout(tmp_path / "data", ids_per_folder=8)
+    folder = root / "Apparel" / "Girls" / "Images" / "images_with_product_ids"
+    photos = sorted(root.rglob("*.jpg"))
+    for original in photos[::4]:  # 8 photos listed again: byte-identical, and re-encoded at another quality
+        (folder / f"9{original.stem}.jpg").write_bytes(original.read_bytes())
+        Image.open(original).save(folder / f"8{original.stem}.jpg", quality=90)
+    catalogue = load(root, tmp_path)
+    assert "24 photos have a near-identical copy (8 groups)" in capsys.readouterr().out
+    side = {name: "test" for name in catalogue.metadata["ProductId"][catalogue.test_index.numpy()]}
+    side.update({name: "train" for name in catalogue.metadata["ProductId"][catalogue.train_index.numpy()]})
+    for original in photos[::4]:
+        assert side[original.stem] == side[f"9{original.stem}"] == side[f"8{original.stem}"]
+    assert 0 < len(catalogue.test_index) < 10 and len(set(catalogue.groups.tolist())) == 32
+    assert "test" in [side[original.stem] for original in photos[::4]]  # the fixture does test a group in test
+
+
+def test_the_split_is_the_same_when_the_folder_is_nested_one_level_deeper(tmp_path):
+    flat = make_kaggle_layout(tmp_path / "flat", ids_per_folder=8)
+    nested = make_kaggle_layout(tmp_path / "nested" / "fashion-images", ids_per_folder=8).parent
+    first, second = load(flat, tmp_path), load(nested, tmp_path)
+    assert list(second.metadata["path"])[0].startswith("fashion-images/")
+    assert torch.equal(first.test_index, second.test_index) and torch.equal(first.train_index, second.train_index)
 
 
 def test_without_a_dataset_the_default_folder_falls_back_to_a_synthetic_catalogue(tmp_path, monkeypatch, capsys):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dae
-from conftest import losses_over_steps
+from conftest import Constant, epoch_args, losses_over_steps, per_image_mean
 
 GREY = torch.full((4, 3, 32, 32), 0.5)
 
@@ -30,6 +30,14 @@ def test_the_same_seed_gives_the_same_noise(kind):
 def test_gaussian_noise_has_the_asked_standard_deviation():
     residual = dae.add_noise(GREY, "gaussian", 0.1, torch.Generator().manual_seed(0)) - GREY
     assert abs(residual.std().item() - 0.1) < 0.005 and abs(residual.mean().item()) < 0.005
+
+
+def test_gaussian_noise_on_white_can_only_darken_so_it_is_weaker_than_its_strength():
+    white = torch.ones(4, 3, 32, 32)
+    residual = dae.add_noise(white, "gaussian", 0.1, torch.Generator().manual_seed(0)) - white
+    assert abs((residual == 0).float().mean().item() - 0.5) < 0.02  # the brightening half is clamped away
+    # E[min(0, n)] for n ~ N(0, 0.1^2) is -0.1 / sqrt(2 pi) = -0.0399
+    assert abs(residual.mean().item() + 0.1 / math.sqrt(2 * math.pi)) < 0.002 and residual.max() == 0
 
 
 def test_salt_and_pepper_hits_the_asked_fraction_with_black_and_white():
@@ -59,6 +67,17 @@ def test_shapes_and_a_spatial_code(image_size, latent_dim):
     assert model(images).shape == images.shape
 
 
+def test_run_epoch_compares_the_output_with_the_clean_images():
+    torch.manual_seed(0)
+    images = torch.rand(10, 3, 8, 8)  # batches of 4, 4 and 2
+    args = epoch_args(noise="gaussian", noise_strength=0.2)
+    result = dae.run_epoch(Constant(), images, args)
+    assert result["loss"] == pytest.approx(per_image_mean(lambda x: ((x - 0.5) ** 2).sum().item(), images))
+    assert result["psnr"] == pytest.approx(per_image_mean(lambda x: -10 * math.log10(((x - 0.5) ** 2).mean()), images))
+    copy = dae.run_epoch(torch.nn.Identity(), images, args)  # returns the noisy input: loss is the noise, not 0
+    assert copy["loss"] > 3 and copy["psnr"] == pytest.approx(copy["psnr_noisy"])
+
+
 def test_a_few_steps_on_one_batch_lower_the_loss():
     def denoising_loss(model, images):
         return dae.reconstruction_loss(model(dae.add_noise(images, "gaussian", 0.1)), images)
@@ -78,8 +97,11 @@ def test_main_trains_writes_every_output_and_reloads_for_figures_only(smoke_flag
     assert "salt-and-pepper 0.1 (trained on)" in table and "median filter (3)" in table
     before = (out / "model.pt").read_bytes()
     (out / "denoising.csv").unlink()
-    dae.main([*flags, "--figures-only"])
-    assert (out / "denoising.csv").is_file() and (out / "model.pt").read_bytes() == before
+    dae.main([*flags, "--figures-only"])  # the noise it was trained on comes from the checkpoint
+    assert "salt-and-pepper 0.1 (trained on)" in (out / "denoising.csv").read_text()
+    assert (out / "model.pt").read_bytes() == before
+    with pytest.raises(SystemExit, match="--noise salt-and-pepper, but this run asks for occlusion"):
+        dae.main([*flags, "--figures-only", "--noise", "occlusion"])
 
 
 def test_bad_noise_strength_is_a_one_line_error(capsys):

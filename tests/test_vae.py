@@ -1,11 +1,15 @@
 """vae.py: shapes, the loss against references, reparameterization, training, end to end."""
 
+import math
+import shutil
+
+import pandas as pd
 import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
 import vae
-from conftest import losses_over_steps
+from conftest import Constant, epoch_args, losses_over_steps, per_image_mean
 
 FIGURES = ["reconstructions.png", "samples.png", "samples_by_epoch.png", "interpolations.png", "latent_map.png",
            "loss_curves.png", "attribute_edit.png", "catalogue_qa.png"]
@@ -31,66 +35,145 @@ def test_bad_image_size_is_a_clear_error(image_size):
 def test_kl_is_zero_for_standard_normal_and_positive_otherwise():
     images = torch.rand(4, 3, 8, 8)
     zeros = torch.zeros(4, 6)
-    assert vae.vae_loss(images, images, zeros, zeros)[2].item() == 0
-    assert vae.vae_loss(images, images, zeros + 0.1, zeros)[2] > 0
-    assert vae.vae_loss(images, images, zeros, zeros - 0.5)[2] > 0
+    assert vae.vae_loss(images, images, zeros, zeros)["kl"].item() == 0
+    assert vae.vae_loss(images, images, zeros + 0.1, zeros)["kl"] > 0
+    assert vae.vae_loss(images, images, zeros, zeros - 0.5)["kl"] > 0
 
 
 def test_loss_terms_match_references():
     torch.manual_seed(0)
     recon, images = torch.rand(5, 3, 8, 8), torch.rand(5, 3, 8, 8)
     mu, logvar = torch.randn(5, 7), torch.randn(5, 7)
-    total, reconstruction, kl = vae.vae_loss(recon, images, mu, logvar, beta=0.7)
+    losses = vae.vae_loss(recon, images, mu, logvar, beta=0.7)
     reference_kl = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(0, 1)).sum(1).mean()
-    assert torch.allclose(kl, reference_kl, rtol=1e-5)
-    direct = sum(((recon[i] - images[i]) ** 2).sum() for i in range(5)) / 5
-    assert torch.allclose(reconstruction, direct, rtol=1e-5)
-    assert torch.allclose(total, reconstruction + 0.7 * kl)
-    assert vae.vae_loss(recon, images, mu, logvar, beta=0)[0] == reconstruction
+    assert torch.allclose(losses["kl"], reference_kl, rtol=1e-5)
+    # The decoder is N(x_hat, sigma^2) per pixel, with sigma^2 the batch's mean squared error.
+    variance = ((recon - images) ** 2).mean()
+    reference = -Normal(recon, variance.sqrt()).log_prob(images).flatten(1).sum(1).mean()
+    assert torch.allclose(losses["variance"], variance) and torch.allclose(losses["reconstruction"], reference)
+    assert torch.allclose(losses["loss"], losses["reconstruction"] + 0.7 * losses["kl"])
+    assert vae.vae_loss(recon, images, mu, logvar, beta=0)["loss"] == losses["reconstruction"]
 
 
-def test_reparameterize_passes_gradients_and_has_the_right_moments():
-    model = vae.VAE(32, 4)
-    mu = torch.tensor([1.0, -2.0, 0.0, 3.0], requires_grad=True)
-    logvar = torch.tensor([0.0, 1.0, -1.0, 2.0], requires_grad=True)
+def test_a_sharper_reconstruction_is_more_likely():
     torch.manual_seed(0)
-    z = model.reparameterize(mu.expand(20000, 4), logvar.expand(20000, 4))
+    images, zeros = torch.rand(4, 3, 8, 8), torch.zeros(4, 2)
+    blurry, sharp = images + 0.1 * torch.randn_like(images), images + 0.01 * torch.randn_like(images)
+    assert vae.vae_loss(sharp, images, zeros, zeros)["reconstruction"] < vae.vae_loss(blurry, images, zeros, zeros)[
+        "reconstruction"] - 100  # 192 pixels x log(10): the better fit wins by far, not by a rounding
+
+
+def test_reparameterize_has_the_exact_gradients_and_the_right_moments():
+    model = vae.VAE(32, 4)
+    mu = torch.tensor([1.0, -2.0, 0.0, 3.0]).expand(20000, 4).clone().requires_grad_()
+    logvar = torch.tensor([0.0, 1.0, -1.0, 2.0]).expand(20000, 4).clone().requires_grad_()
+    torch.manual_seed(0)
+    z = model.reparameterize(mu, logvar)
     z.sum().backward()
-    assert mu.grad is not None and logvar.grad is not None and logvar.grad.abs().sum() > 0
-    assert torch.allclose(z.mean(0), mu.detach(), atol=0.05)
-    assert torch.allclose(z.var(0), logvar.detach().exp(), rtol=0.05)
+    # z = mu + exp(logvar / 2) * eps:  dz/dmu = 1,  dz/dlogvar = exp(logvar / 2) * eps / 2 = (z - mu) / 2
+    assert torch.equal(mu.grad, torch.ones_like(mu))
+    assert torch.allclose(logvar.grad, (z - mu).detach() / 2, atol=1e-6)
+    assert torch.allclose(z.mean(0), mu[0].detach(), atol=0.05)
+    assert torch.allclose(z.var(0), logvar[0].detach().exp(), rtol=0.05)
+
+
+class ConstantVAE(torch.nn.Module):
+    """Reconstructs every image as 0.5 grey, with mu = 1 and sigma = 1 for each of 3 latent dimensions."""
+
+    def forward(self, images):
+        ones = torch.ones(len(images), 3)
+        return Constant()(images), ones, torch.zeros_like(ones)
+
+
+def test_run_epoch_returns_per_image_means_also_when_the_last_batch_is_smaller():
+    torch.manual_seed(0)
+    images = torch.rand(10, 3, 8, 8)  # batches of 4, 4 and 2, each with its own decoder variance
+    result = vae.run_epoch(ConstantVAE(), images, epoch_args(beta=2.0))
+    by_hand = {"reconstruction": 0, "variance": 0}
+    for batch in images.split(4):
+        variance = ((batch - 0.5) ** 2).mean().item()
+        squared_errors = ((batch - 0.5) ** 2).flatten(1).sum(1)
+        by_hand["variance"] += variance * len(batch) / 10
+        by_hand["reconstruction"] += (squared_errors / (2 * variance) + 96 * math.log(2 * math.pi * variance)).sum() / 10
+    assert result["kl"] == pytest.approx(3 * 0.5)  # -1/2 (1 + 0 - 1 - 1) per dimension
+    assert result["variance"] == pytest.approx(by_hand["variance"])
+    assert result["reconstruction"] == pytest.approx(by_hand["reconstruction"].item())
+    assert result["loss"] == pytest.approx(result["reconstruction"] + 2.0 * result["kl"])
+    assert result["psnr"] == pytest.approx(per_image_mean(lambda x: -10 * math.log10(((x - 0.5) ** 2).mean()), images))
+
+
+def test_evaluation_decodes_the_mean_and_training_samples():
+    torch.manual_seed(0)
+    model, images = vae.VAE(32, 4), torch.rand(2, 3, 32, 32)
+    model.eval()
+    assert torch.equal(model(images)[0], model(images)[0])  # no randomness: z = mu
+    model.train()
+    assert not torch.equal(model(images)[0], model(images)[0])
+
+
+def test_the_fitted_sampler_draws_codes_with_the_fitted_mean_and_covariance():
+    torch.manual_seed(0)
+    codes = torch.randn(500, 3) @ torch.tensor([[2.0, 0, 0], [1.0, 0.5, 0], [0, 0, 0.1]]) + torch.tensor([1.0, -2, 0])
+    distribution = vae.fit_code_distribution(codes)
+    assert torch.allclose(distribution["mean"], codes.mean(0))
+    assert torch.allclose(distribution["covariance"], torch.cov(codes.T) + 1e-3 * torch.eye(3))
+    samples = vae.sample_codes(distribution, 50000, torch.Generator().manual_seed(1))
+    assert torch.allclose(samples.mean(0), distribution["mean"], atol=0.03)
+    assert torch.allclose(torch.cov(samples.T), distribution["covariance"], atol=0.05)
+
+
+def test_the_attribute_direction_uses_training_products_only():
+    metadata = pd.DataFrame({"Category": ["Apparel"] * 6 + ["Footwear"] * 2,
+                             "Colour": ["Black", "Black", "Red", "Blue", "Black", "Red", "Black", "Red"]})
+    codes = torch.arange(16.0).view(8, 2)
+    train = torch.tensor([0, 1, 2, 3, 6, 7])  # products 4 and 5 are test products
+    codes[4:6] = 1000.0  # if a test product counted, the direction would be huge
+    direction = vae.attribute_direction(codes, metadata, train, "Colour", "Black", "Apparel")
+    assert torch.equal(direction, codes[[0, 1]].mean(0) - codes[[2, 3]].mean(0))
+    assert torch.equal(vae.attribute_direction(codes, metadata, train, "Colour", "Green", "Apparel"), torch.zeros(2))
 
 
 def test_a_few_steps_on_one_batch_lower_the_loss():
     def negative_elbo(model, images):
         recon, mu, logvar = model(images)
-        return vae.vae_loss(recon, images, mu, logvar)[0]
+        return vae.vae_loss(recon, images, mu, logvar)["loss"]
 
     losses = losses_over_steps(lambda: vae.VAE(32, 8), negative_elbo)
     assert losses[-1] < 0.9 * losses[0]
 
 
-def test_main_trains_writes_every_output_and_reloads_for_figures_only(smoke_flags, tmp_path):
+def test_main_trains_writes_every_output_and_reloads_for_figures_only(smoke_flags, tiny_catalogue, tmp_path):
     out, flags = tmp_path / "out", smoke_flags
-    vae.main([*flags, "--epochs", "1"])
-    for name in [*FIGURES, "metrics.csv", "model.pt"]:
+    vae.main([*flags, "--epochs", "1", "--num-samples", "2"])
+    for name in [*FIGURES, "metrics.csv", "model.pt", "samples/sample_0001.png"]:
         assert (out / name).is_file(), name
     assert len((out / "metrics.csv").read_text().splitlines()) == 2  # a header and one epoch
-    before = (out / "model.pt").read_bytes()
-    (out / "samples.png").unlink()
-    vae.main([*flags, "--figures-only", "--num-samples", "3"])
-    assert (out / "samples.png").is_file() and len(list((out / "samples").glob("*.png"))) == 3
+    before, sample = (out / "model.pt").read_bytes(), (out / "samples" / "sample_0001.png").read_bytes()
+    shutil.rmtree(out / "samples")
+    for name in ["samples.png", "samples_by_epoch.png"]:
+        (out / name).unlink()
+    vae.main([*flags, "--figures-only", "--num-samples", "2"])
+    assert (out / "samples.png").is_file() and len(list((out / "samples").glob("*.png"))) == 2
+    assert (out / "samples_by_epoch.png").is_file()  # drawn again from the checkpoint
+    assert (out / "samples" / "sample_0001.png").read_bytes() == sample  # the same fitted distribution, same seed
     assert (out / "model.pt").read_bytes() == before  # figures only: the model is not retrained
     with pytest.raises(SystemExit, match="--latent-dim 8"):
         vae.main([*flags[:6], "--latent-dim", "16", "--device", "cpu", "--figures-only"])
+    # Sampling needs the checkpoint only: with the photos gone, the samples are written before the
+    # missing folder stops the figures.
+    shutil.rmtree(out / "samples")
+    shutil.rmtree(tiny_catalogue)
+    with pytest.raises(SystemExit, match="--data .*: no such folder"):
+        vae.main([*flags, "--figures-only", "--num-samples", "2"])
+    assert (out / "samples" / "sample_0001.png").read_bytes() == sample
 
 
 def test_a_checkpoint_from_another_script_is_a_clear_error(tmp_path):
     path = tmp_path / "model.pt"
     torch.save({"script": "ae.py", "state_dict": {}, "args": {}}, path)
-    args = vae.parse_args(["--checkpoint", str(path)])
+    args = vae.parse_args(["--checkpoint", str(path), "--figures-only"])
     with pytest.raises(SystemExit, match="saved by ae.py"):
-        vae.load_checkpoint(vae.VAE(64, 128), args, path)
+        vae.load_checkpoint(path, args, vae.MODEL_FLAGS)
 
 
 @pytest.mark.parametrize("flags, message", [(["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr")])
