@@ -21,6 +21,7 @@ Again:  python ae.py --figures-only   (figures and search from the saved model, 
 
 import argparse
 import csv
+import hashlib
 import math
 import os
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import load_catalogue, select_device
+from common import NEAR_COPY_PSNR, connected_groups, decode, load_catalogue, select_device, thumbnails
 
 
 # ----------------------------------------------------------------------------- model
@@ -193,11 +194,16 @@ def pick(metadata, index, column, value):
 
 # Application, "more like this": the encoder as a search engine. The catalogue is the training
 # set; each test product is a query; neighbours are ranked by cosine similarity of their vectors.
-def search(queries, catalogue, k=5):
-    """Indices (into catalogue) of the k most similar rows for each query row, best first."""
+def cosine_similarity(queries, catalogue):
+    """(N_queries, N_catalogue): the cosine of the angle between each query row and each catalogue row."""
     queries = queries / queries.norm(dim=1, keepdim=True).clamp_min(1e-8)
     catalogue = catalogue / catalogue.norm(dim=1, keepdim=True).clamp_min(1e-8)
-    return (queries @ catalogue.T).topk(k, dim=1).indices  # (N_queries, k)
+    return queries @ catalogue.T
+
+
+def search(queries, catalogue, k=5):
+    """Indices (into catalogue) of the k most similar rows for each query row, best first."""
+    return cosine_similarity(queries, catalogue).topk(k, dim=1).indices  # (N_queries, k)
 
 
 def precision_at_k(query_labels, catalogue_labels, neighbours):
@@ -288,6 +294,85 @@ def make_figures(model, catalogue, history, search_results, args):
               out / "search_outputs.png", titles)
 
 
+# ----------------------------------------------------------------------------- tools for a shop
+# Run on a trained model: "more like this" for any photo (--query) and duplicate listings
+# (--duplicates). Both search the whole catalogue, training and test products alike.
+def catalogue_codes(model, catalogue, checkpoint, args):
+    """The code of every catalogue product, cached beside the model and rebuilt when the model
+    file or the catalogue's photos change."""
+    key = hashlib.sha256(checkpoint.read_bytes() + catalogue.images.numpy().tobytes()).hexdigest()
+    cache = args.out / "catalogue_codes.pt"
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        if saved["key"] == key:
+            return saved["codes"]
+    codes = encode_all(model, catalogue.images, args)
+    torch.save({"key": key, "codes": codes}, cache.with_suffix(".tmp"))
+    os.replace(cache.with_suffix(".tmp"), cache)
+    return codes
+
+
+def describe(metadata, row, *columns):
+    return [str(metadata.at[row, column]) if column in metadata else "" for column in columns]
+
+
+@torch.no_grad()
+def more_like_this(model, catalogue, checkpoint, args):
+    """Print and draw the --top catalogue products most like the --query photo (a file or a ProductId)."""
+    images, metadata = catalogue.images, catalogue.metadata
+    if Path(args.query).is_file():  # a photo of the user's, framed as the catalogue's photos are
+        pixels = decode(Path(args.query), args.image_size)
+        if pixels is None:
+            raise SystemExit(f"error: --query {args.query}: not a readable image")
+        query, name = torch.tensor(pixels).permute(2, 0, 1).float() / 255, Path(args.query).stem
+    elif (metadata["ProductId"] == args.query).any():
+        query, name = images[(metadata["ProductId"] == args.query).values.argmax()], args.query
+    else:
+        raise SystemExit(f"error: --query {args.query}: no such file, and no product with this ProductId")
+    # The answer is never the query itself or a copy of it: catalogue photos near-identical to the
+    # query, and every photo of their near-copy groups, are left out.
+    error = ((thumbnails(query[None]) - thumbnails(images)) ** 2).mean(1)  # (N,)
+    copies = torch.isin(catalogue.groups, catalogue.groups[error < 10 ** (-NEAR_COPY_PSNR / 10)])
+    similarity = cosine_similarity(encode_all(model, query[None], args), catalogue_codes(model, catalogue, checkpoint, args))[0]
+    similarity[copies] = -math.inf
+    best = similarity.topk(min(args.top, int((~copies).sum()))).indices
+    print(f"products most like {args.query} ({int(copies.sum())} copies of it left out):")
+    for rank, row in enumerate(best.tolist(), 1):
+        product_id, product_type, colour, title = describe(metadata, row, "ProductId", "ProductType", "Colour",
+                                                           "ProductTitle")
+        print(f"  {rank:2d}. {product_id:>8s}  {product_type:14s} {colour:10s} {title[:50]:50s} {similarity[row]:.3f}")
+    show_rows([torch.cat([query[None], images[best]])], [name], f"More like {name}", args.out / f"query_{name}.png",
+              ["query"] + [f"{similarity[row]:.3f}" for row in best.tolist()])
+
+
+@torch.no_grad()
+def find_duplicates(model, catalogue, checkpoint, args):
+    """Groups of catalogue products whose codes are nearly identical, most similar first, as
+    OUT/duplicates.csv and a figure of the top groups."""
+    codes, metadata = catalogue_codes(model, catalogue, checkpoint, args), catalogue.metadata
+    pairs, best = [], torch.zeros(len(codes))
+    for start in range(0, len(codes), 1024):  # in blocks of rows: no N x N matrix for a big catalogue
+        similarity = cosine_similarity(codes[start:start + 1024], codes)
+        similarity[torch.arange(len(similarity)), torch.arange(start, start + len(similarity))] = -1  # not itself
+        best[start:start + 1024] = similarity.max(1).values
+        pairs += [(start + i, j) for i, j in (similarity >= args.duplicates).nonzero().tolist()]
+    groups = torch.from_numpy(connected_groups(pairs, len(codes)))
+    listed = [g for g in groups.unique().tolist() if (groups == g).sum() > 1]
+    listed.sort(key=lambda g: -best[groups == g].max().item())
+    with open(args.out / "duplicates.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["group", "ProductId", "ProductTitle", "similarity"])
+        for number, group in enumerate(listed, 1):
+            for row in (groups == group).nonzero().flatten().tolist():
+                writer.writerow([number, *describe(metadata, row, "ProductId", "ProductTitle"), f"{best[row]:.4f}"])
+    members = [(groups == group).nonzero().flatten()[:8] for group in listed[:8]]
+    print(f"{sum(map(len, [(groups == g).nonzero() for g in listed]))} products in {len(listed)} groups of "
+          f"near-identical codes (cosine >= {args.duplicates}); list in {args.out / 'duplicates.csv'}")
+    if members:
+        show_rows([catalogue.images[m] for m in members], [f"group {n}" for n in range(1, len(members) + 1)],
+                  "Duplicate listings: products whose codes are nearly identical", args.out / "duplicates.png")
+
+
 # ----------------------------------------------------------------------------- command line
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -309,15 +394,22 @@ def parse_args(argv=None):
     parser.add_argument("--figures-only", action="store_true", help="load the checkpoint, redraw, no training")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from the checkpoint")
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="the model --figures-only or --resume loads (default: OUT/model.pt)")
+                        help="the model --figures-only, --resume or a tool loads (default: OUT/model.pt)")
+    # tools for a shop, on a trained model
+    parser.add_argument("--query", default=None, help="a photo file or a ProductId: print the products most like it")
+    parser.add_argument("--top", type=int, default=5, help="how many products --query lists")
+    parser.add_argument("--duplicates", type=float, nargs="?", const=0.99, default=None, metavar="SIMILARITY",
+                        help="list groups of products whose codes have at least this cosine similarity")
     args = parser.parse_args(argv)
     for flag in ("epochs", "batch_size", "latent_dim"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if not args.lr > 0:
         parser.error("--lr must be positive")
-    if args.checkpoint and not (args.figures_only or args.resume):
+    if args.checkpoint and not (args.figures_only or args.resume or args.query or args.duplicates):
         parser.error("--checkpoint names the model to load with --figures-only or --resume; training writes OUT/model.pt")
+    if args.top < 1 or (args.duplicates is not None and not -1 <= args.duplicates <= 1):
+        parser.error("--top must be at least 1, and --duplicates a cosine similarity between -1 and 1")
     return args
 
 
@@ -329,7 +421,8 @@ def main(argv=None):
     args = parse_args(argv)
     print("ae.py", " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
     checkpoint, state = args.checkpoint or args.out / "model.pt", None
-    if args.figures_only or args.resume:  # checked before the photos are loaded, so a wrong file fails at once
+    tool = args.query is not None or args.duplicates is not None
+    if args.figures_only or args.resume or tool:  # checked before the photos are loaded, so a wrong file fails at once
         state = load_checkpoint(checkpoint, args, MODEL_FLAGS + (TRAINING_FLAGS if args.resume else ()))
     torch.manual_seed(args.seed)
     args.device = select_device(args.device)
@@ -340,6 +433,12 @@ def main(argv=None):
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
     print(f"{len(train_images)} training and {len(test_images)} test products, {args.image_size} px")
+    if tool:
+        if args.query is not None:
+            more_like_this(model, catalogue, checkpoint, args)
+        if args.duplicates is not None:
+            find_duplicates(model, catalogue, checkpoint, args)
+        return
 
     history = state["history"] if state else []
     if not args.figures_only:

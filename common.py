@@ -196,31 +196,42 @@ def load_folder(root, size, cache_dir):
     return pixels, metadata, groups
 
 
-def near_copy_groups(pixels, block=1024):
-    """A group id per image (N,): photos whose 16x16 thumbnails are within NEAR_COPY_PSNR dB of each
-    other share a group, and so do copies of copies. Pairs are found by a matrix product in blocks
-    of rows, so a catalogue of 44,000 photos needs no N x N matrix in memory."""
-    thumbnails = torch.cat([torch.zeros(0, 768, dtype=torch.float64)] +  # (N, 16 * 16 * 3)
-                           [F.adaptive_avg_pool2d(torch.from_numpy(pixels[i:i + block]).permute(0, 3, 1, 2).double()
-                                                  / 255, 16).flatten(1) for i in range(0, len(pixels), block)])
-    squared = (thumbnails ** 2).sum(1)
-    max_error = 10 ** (-NEAR_COPY_PSNR / 10)  # PSNR > 40 dB  <=>  mean squared error < 1e-4
-    parent = list(range(len(pixels)))
+def thumbnails(images):
+    """(N, 3, S, S) floats in [0, 1] -> (N, 768) float64: the 16x16 averages near-copies are judged on."""
+    return F.adaptive_avg_pool2d(images.double(), 16).flatten(1)
 
-    def root(i):  # union-find: follow the links to the group's first member
+
+def connected_groups(pairs, count):
+    """A group id per item (count,) from the pairs (i, j) that belong together; a copy of a copy
+    joins the group too. Union-find: each item points towards its group's root."""
+    parent = list(range(count))
+
+    def root(i):
         while parent[i] != i:
             parent[i] = parent[parent[i]]
             i = parent[i]
         return i
 
+    for i, j in pairs:
+        parent[root(i)] = root(j)
+    return np.unique([root(i) for i in range(count)], return_inverse=True)[1].reshape(-1)
+
+
+def near_copy_groups(pixels, block=1024):
+    """A group id per image (N,): photos whose 16x16 thumbnails are within NEAR_COPY_PSNR dB of each
+    other share a group. Pairs are found by a matrix product in blocks of rows, so a catalogue of
+    44,000 photos needs no N x N matrix in memory."""
+    small = torch.cat([torch.zeros(0, 768, dtype=torch.float64)] +  # (N, 768)
+                      [thumbnails(torch.from_numpy(pixels[i:i + block]).permute(0, 3, 1, 2) / 255)
+                       for i in range(0, len(pixels), block)])
+    squared = (small ** 2).sum(1)
+    max_error = 10 ** (-NEAR_COPY_PSNR / 10)  # PSNR > 40 dB  <=>  mean squared error < 1e-4
+    pairs = []
     for start in range(0, len(pixels), block):
-        rows = thumbnails[start:start + block]
         # ||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b, for every pair (row of this block, any image)
-        error = (squared[start:start + block, None] + squared[None] - 2 * rows @ thumbnails.T) / thumbnails.shape[1]
-        for i, j in (error < max_error).nonzero().tolist():
-            parent[root(start + i)] = root(j)
-    roots = [root(i) for i in range(len(pixels))]
-    return np.unique(roots, return_inverse=True)[1].reshape(-1)
+        error = (squared[start:start + block, None] + squared[None] - 2 * small[start:start + block] @ small.T) / 768
+        pairs += [(start + i, j) for i, j in (error < max_error).nonzero().tolist()]
+    return connected_groups(pairs, len(pixels))
 
 
 def split(names, groups, test_fraction=TEST_FRACTION):

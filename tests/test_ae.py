@@ -1,5 +1,6 @@
 """ae.py: shapes, the loss, search and precision@k, training, end to end."""
 
+import csv
 import math
 from types import SimpleNamespace
 
@@ -88,3 +89,43 @@ def test_the_search_index_holds_training_products_only(tiny_catalogue, tmp_path)
     results = ae.evaluate_search(ae.Autoencoder(32, 8), catalogue, args)
     for name in ("latent", "pixels"):  # a test product in the index would be its own first neighbour
         assert set(results[name]["neighbours"].flatten().tolist()) <= set(catalogue.train_index.tolist())
+
+
+@pytest.fixture
+def trained_with_copies(smoke_flags, tiny_catalogue):
+    """The tiny catalogue with two photos listed again under new ProductIds, and a model trained on it."""
+    for original, copy in [("101", "901"), ("110", "910")]:
+        found = next(tiny_catalogue.rglob(f"{original}.jpg"))
+        (found.parent / f"{copy}.jpg").write_bytes(found.read_bytes())
+    ae.main([*smoke_flags, "--epochs", "1"])
+    return smoke_flags
+
+
+def test_a_query_never_returns_itself_or_its_copies(trained_with_copies, tiny_catalogue, tmp_path, capsys):
+    photo = tmp_path / "my photo.jpg"
+    photo.write_bytes(next(tiny_catalogue.rglob("101.jpg")).read_bytes())  # a user's copy of product 101
+    ae.main([*trained_with_copies, "--query", str(photo), "--top", "3"])
+    from_file = capsys.readouterr().out
+    assert "2 copies of it left out" in from_file and (tmp_path / "out" / "query_my photo.png").is_file()
+    listed = [line.split()[1] for line in from_file.splitlines() if line.strip()[:3] in ("1. ", "2. ", "3. ")]
+    assert len(listed) == 3 and not {"101", "901"} & set(listed)
+    ae.main([*trained_with_copies, "--query", "101", "--top", "3"])  # the catalogue's own product: the same answer
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()
+            if line.strip()[:3] in ("1. ", "2. ", "3. ")] == listed
+
+
+@pytest.mark.parametrize("query", ["nowhere.jpg", "12345"])
+def test_a_query_of_a_missing_file_or_unknown_product_is_a_one_line_error(trained_with_copies, query):
+    with pytest.raises(SystemExit, match=f"--query {query}: no such file, and no product with this ProductId"):
+        ae.main([*trained_with_copies, "--query", query])
+
+
+def test_the_duplicate_finder_finds_the_planted_copies(trained_with_copies, tmp_path):
+    ae.main([*trained_with_copies, "--duplicates", "0.9999"])
+    with open(tmp_path / "out" / "duplicates.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    groups = {}
+    for row in rows:
+        groups.setdefault(row["group"], set()).add(row["ProductId"])
+    assert sorted(groups.values(), key=sorted) == [{"101", "901"}, {"110", "910"}]
+    assert (tmp_path / "out" / "catalogue_codes.pt").is_file()  # cached for the next tool run
