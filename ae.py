@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import NEAR_COPY_PSNR, connected_groups, decode, load_catalogue, select_device, thumbnails
+from common import (NEAR_COPY_PSNR, REPO, connected_groups, data_folder, decode, load_catalogue, select_device,
+                    thumbnails)
 
 
 # ----------------------------------------------------------------------------- model
@@ -186,10 +187,11 @@ def show_rows(rows, labels, title, path, columns_titles=None):
     plt.close(figure)
 
 
-def pick(metadata, index, column, value):
-    """The first of the given products whose metadata column equals value, else the first one."""
+def pick(metadata, index, column, value, otherwise=0):
+    """The first of the given products whose metadata column equals value; if none does (a folder
+    without fashion.csv, say), the product at position `otherwise`, spread over the index."""
     matches = [i for i in index.tolist() if metadata.at[i, column] == value]
-    return matches[0] if matches else index[0].item()
+    return matches[0] if matches else index[otherwise * len(index) // 8 % len(index)].item()
 
 
 # Application, "more like this": the encoder as a search engine. The catalogue is the training
@@ -220,18 +222,22 @@ def evaluate_search(model, catalogue, args):
     train, test = catalogue.train_index, catalogue.test_index
     # Raw pixels count darkness (1 - pixel), so the white background is zero and does not
     # make every pair of products look alike.
+    labelled = [column for column in ("ProductType", "Colour") if (metadata[column] != "").any()]
+    if not labelled:
+        print("note: no ProductType or Colour labels (no fashion.csv?), so no precision@5")
     to_vectors = {"latent": lambda batch: encode_all(model, batch, args), "pixels": lambda batch: (1 - batch).flatten(1)}
     results = {}
     for name, to_vector in to_vectors.items():
         index = to_vector(images[train])
-        neighbours = train[search(to_vector(images[test]), index)]  # (N_test, 5) catalogue rows
+        k = min(5, len(train))
+        neighbours = train[search(to_vector(images[test]), index, k)]  # (N_test, k) catalogue rows
         # A query as a user makes it: one photo to a vector, then the search, timed over 50 queries.
         tick = time.perf_counter()
         for i in test[:50].tolist():
-            search(to_vector(images[i:i + 1]), index)
+            search(to_vector(images[i:i + 1]), index, k)
         milliseconds = 1000 * (time.perf_counter() - tick) / len(test[:50])
         results[name] = {"neighbours": neighbours, "index_mb": index.numel() * 4 / 1e6, "ms_per_query": milliseconds}
-        for column in ("ProductType", "Colour"):
+        for column in labelled:
             labels = metadata[column].tolist()
             results[name][f"precision@5_{column}"] = precision_at_k(
                 [labels[i] for i in test.tolist()], labels, neighbours)
@@ -239,14 +245,13 @@ def evaluate_search(model, catalogue, args):
     print(f"search over {len(train)} catalogue products with {len(test)} test queries "
           f"(codes are {ratio:.0f}x smaller than the pixels):")
     for name, result in results.items():
-        print(f"  {name:6s}: precision@5 by ProductType {result['precision@5_ProductType']:.3f}, by Colour "
-              f"{result['precision@5_Colour']:.3f} | index {result['index_mb']:.1f} MB, "
+        precisions = ", ".join(f"by {column} {result[f'precision@5_{column}']:.3f}" for column in labelled)
+        print(f"  {name:6s}: precision@5 {precisions or '-'} | index {result['index_mb']:.1f} MB, "
               f"{result['ms_per_query']:.2f} ms per query (encode + search)")
     with open(args.out / "search.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["vectors", "precision@5_ProductType", "precision@5_Colour", "index_mb", "ms_per_query"])
-        for name, r in results.items():
-            writer.writerow([name, r["precision@5_ProductType"], r["precision@5_Colour"], r["index_mb"], r["ms_per_query"]])
+        writer = csv.DictWriter(handle, fieldnames=["vectors", *[key for key in results["latent"] if key != "neighbours"]])
+        writer.writeheader()
+        writer.writerows({"vectors": name, **{k: v for k, v in r.items() if k != "neighbours"}} for name, r in results.items())
     return results
 
 
@@ -254,18 +259,20 @@ def evaluate_search(model, catalogue, args):
 def make_figures(model, catalogue, history, search_results, args):
     import matplotlib.pyplot as plt
 
+    tag = " [SYNTHETIC catalogue]" if catalogue.synthetic else ""  # so no one mistakes it for real results
+
     model.eval()
     out, images, metadata, test = args.out, catalogue.images, catalogue.metadata, catalogue.test_index
     reconstruct = lambda index: model(images[index].to(args.device)).float().cpu()
     # Fixed test products, spread over the (sorted) test set: the same ones every run.
     shown = test[torch.linspace(0, len(test) - 1, 10).long()]
-    show_rows([images[shown], reconstruct(shown)], ["original", "AE"], "Test products and their reconstructions",
+    show_rows([images[shown], reconstruct(shown)], ["original", "AE"], "Test products and their reconstructions" + tag,
               out / "reconstructions.png")
-    # A 2-D map of the test set: the two principal directions of the codes.
-    codes = encode_all(model, images[test], args)
+    # A 2-D map of the test set: the two principal directions of the codes of all products.
+    codes = encode_all(model, images, args)
     centred = codes - codes.mean(0)
     _, _, directions = torch.linalg.svd(centred, full_matrices=False)  # PCA by hand
-    xy = centred @ directions[:2].T  # (N_test, 2)
+    xy = centred[test] @ directions[:2].T  # (N_test, 2)
     figure, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     for axis, column in zip(axes, ["Category", "Gender"]):
         for value in sorted(metadata[column].iloc[test.tolist()].unique()):
@@ -281,16 +288,16 @@ def make_figures(model, catalogue, history, search_results, args):
         axis.set(title="reconstruction loss per image", xlabel="epoch", yscale="log"), axis.legend()
         figure.tight_layout(), figure.savefig(out / "loss_curves.png", dpi=100), plt.close(figure)
     # "More like this": queries of different types, each followed by its 5 nearest catalogue products.
-    queries = list(dict.fromkeys(pick(metadata, test, "ProductType", t) for t in
-                                 ["Tshirts", "Heels", "Sports Shoes", "Dresses", "Flip Flops", "Shorts"]))
+    queries = list(dict.fromkeys(pick(metadata, test, "ProductType", t, n) for n, t in
+                                 enumerate(["Tshirts", "Heels", "Sports Shoes", "Dresses", "Flip Flops", "Shorts"])))
     position = {index: row for row, index in enumerate(test.tolist())}
     found = [search_results["latent"]["neighbours"][position[q]] for q in queries]
     rows = [torch.cat([torch.tensor([q]), f]) for q, f in zip(queries, found)]
     labels = [metadata.at[q, "ProductType"] for q in queries]
     titles = ["query"] + [f"match {i}" for i in range(1, 6)]
-    show_rows([images[r] for r in rows], labels, "More like this: nearest products by latent code",
+    show_rows([images[r] for r in rows], labels, "More like this: nearest products by latent code" + tag,
               out / "search.png", titles)
-    show_rows([reconstruct(r) for r in rows], labels, "More like this (shown as the AE's reconstructions)",
+    show_rows([reconstruct(r) for r in rows], labels, "More like this (shown as the AE's reconstructions)" + tag,
               out / "search_outputs.png", titles)
 
 
@@ -386,9 +393,10 @@ def parse_args(argv=None):
     parser.add_argument("--latent-dim", type=int, default=128, help="size of the code z")
     parser.add_argument("--image-size", type=int, default=64, help="photos are resized to this (multiple of 16)")
     # data, device and outputs
-    parser.add_argument("--data", default=None, help="folder of photos (default: data/, synthetic if empty)")
-    parser.add_argument("--out", type=Path, default=Path("out/ae"), help="where figures and model.pt go")
-    parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
+    parser.add_argument("--data", default=None, help="folder of photos; if not given, the repo's data/ "
+                                                        "(a synthetic catalogue if it holds none)")
+    parser.add_argument("--out", type=Path, default=REPO / "out" / "ae", help="where figures and model.pt go")
+    parser.add_argument("--device", default=None, help="cpu, cuda or mps; if not given, the best available")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (for GPUs, CPUs with AMX)")
     # a saved run
     parser.add_argument("--figures-only", action="store_true", help="load the checkpoint, redraw, no training")
@@ -419,20 +427,34 @@ TRAINING_FLAGS = ("epochs", "batch_size", "lr", "seed")  # how it was trained: t
 
 def main(argv=None):
     args = parse_args(argv)
-    print("ae.py", " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
+    defaults = vars(parse_args([]))  # the command that reruns this: the flags that differ from the defaults
+    print("ae.py", *[f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                        for k, v in vars(args).items() if v != defaults[k] and k != "data"], "--data", data_folder(args.data))
     checkpoint, state = args.checkpoint or args.out / "model.pt", None
     tool = args.query is not None or args.duplicates is not None
     if args.figures_only or args.resume or tool:  # checked before the photos are loaded, so a wrong file fails at once
         state = load_checkpoint(checkpoint, args, MODEL_FLAGS + (TRAINING_FLAGS if args.resume else ()))
     torch.manual_seed(args.seed)
     args.device = select_device(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
     model = Autoencoder(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)
     if state:
         model.load_state_dict(state["state_dict"])
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
     print(f"{len(train_images)} training and {len(test_images)} test products, {args.image_size} px")
+    # What the model is trained on is saved with it, so that a model and photos that do not belong together show.
+    args.catalogue = {"folder": str(catalogue.folder), "synthetic": catalogue.synthetic, "photos": len(catalogue.images)}
+    trained_on = state["args"].get("catalogue") if state else None
+    if trained_on and trained_on["synthetic"] != catalogue.synthetic:
+        kind = {True: "the synthetic catalogue", False: "real photos"}
+        print(f"note: this model was trained on {kind[trained_on['synthetic']]} ({trained_on['folder']}); "
+              f"this run shows it {kind[catalogue.synthetic]}")
+    if not (args.figures_only or args.resume) and (args.out / "model.pt").is_file():
+        found = torch.load(args.out / "model.pt", map_location="cpu", weights_only=True).get("script")
+        if found != "ae.py":
+            raise SystemExit(f"error: --out {args.out} holds a model of {found}; train ae.py into another --out "
+                             f"(or delete {args.out / 'model.pt'} first)")
+    args.out.mkdir(parents=True, exist_ok=True)
     if tool:
         if args.query is not None:
             more_like_this(model, catalogue, checkpoint, args)
@@ -479,7 +501,8 @@ def main(argv=None):
     search_results = evaluate_search(model, catalogue, args)
     make_figures(model, catalogue, history, search_results, args)
     final = run_epoch(model, test_images, args)
-    print(f"test: reconstruction {final['loss']:.1f} per image, PSNR {final['psnr']:.2f} dB; figures in {args.out}/")
+    print(f"test: reconstruction {final['loss']:.1f} per image, PSNR {final['psnr']:.2f} dB; figures in {args.out}/"
+          + (" (a SYNTHETIC catalogue: not real results)" if catalogue.synthetic else ""))
 
 
 if __name__ == "__main__":

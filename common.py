@@ -30,8 +30,12 @@ from PIL import Image, ImageDraw
 from torch.nn import functional as F
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
-DEFAULT_DATA = Path("data")
-CACHE_DIR = Path(__file__).resolve().parent / "data" / "processed"
+REPO = Path(__file__).resolve().parent
+DEFAULT_DATA = REPO / "data"  # the repo's own data/, wherever the scripts are started from
+CACHE_DIR = REPO / "data" / "processed"
+# The metadata every catalogue has, empty where a photo's is unknown (see read_metadata).
+COLUMNS = ["Gender", "Category", "SubCategory", "ProductType", "Colour", "Usage", "ProductTitle"]
+MIN_TRAIN, MIN_TEST = 2, 1  # products a run needs on each side of the split
 PREPROCESS_VERSION = 2  # bump when the pixels a file turns into change, so old caches are rebuilt
 TEST_FRACTION = 0.1
 # Two photos whose 16x16 thumbnails are closer than this are copies of one photo. Measured on the
@@ -47,6 +51,7 @@ class Catalogue:
     train_index: torch.Tensor  # (N_train,) int64
     test_index: torch.Tensor  # (N_test,) int64
     groups: torch.Tensor  # (N,) int64, near-identical photos share a group id
+    folder: Path  # where the photos were looked for
     synthetic: bool = False
 
 
@@ -134,17 +139,20 @@ def find_csv(root):
 
 
 def read_metadata(paths, root, csv_path):
-    """One metadata row per image, joined on file stem = ProductId; rows without image are reported."""
+    """One metadata row per image, joined on file stem = ProductId; rows without image are reported.
+    Without a CSV, a photo's first folder (e.g. Apparel/ or Footwear/) is its Category."""
     metadata = pd.DataFrame({"path": [str(p.relative_to(root)) for p in paths],
                              "ProductId": [p.stem for p in paths]})
     if csv_path is None:
-        return metadata
+        folders = [Path(path).parts[0] if len(Path(path).parts) > 1 else "" for path in metadata["path"]]
+        print(f"note: no fashion.csv in {root}; the first folder level is the only label (Category)")
+        return metadata.assign(**{column: folders if column == "Category" else "" for column in COLUMNS})
     table = pd.read_csv(csv_path, dtype=str).fillna("").drop_duplicates("ProductId")
     metadata = metadata.merge(table, on="ProductId", how="left").fillna("")
     orphans = (~table["ProductId"].isin(metadata["ProductId"])).sum()
     if orphans:
         print(f"note: {orphans} rows of {csv_path} have no image and are left out")
-    return metadata
+    return metadata.assign(**{column: "" for column in COLUMNS if column not in metadata})
 
 
 def cache_key(root, paths, csv_path, size):
@@ -254,10 +262,15 @@ def split(names, groups, test_fraction=TEST_FRACTION):
     return torch.from_numpy(np.flatnonzero(~in_test)), torch.from_numpy(np.flatnonzero(in_test))
 
 
+def data_folder(data=None):
+    """The folder a --data flag means: the one given, else the repo's data/."""
+    return Path(data) if data is not None else DEFAULT_DATA
+
+
 def load_catalogue(data=None, image_size=64, cache_dir=None):
     """Load a folder of product photos (default data/); with no folder given and no images in
     data/, fall back to a synthetic catalogue so the scripts still run."""
-    root = Path(data) if data is not None else DEFAULT_DATA
+    root = data_folder(data)
     if data is not None and not root.is_dir():
         raise SystemExit(f"error: --data {root}: no such folder")
     loaded = load_folder(root, image_size, cache_dir or CACHE_DIR) if root.is_dir() else None
@@ -277,7 +290,12 @@ def load_catalogue(data=None, image_size=64, cache_dir=None):
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float().div_(255)  # (N, 3, S, S)
     names = [Path(path).name for path in metadata["path"]]
     train_index, test_index = split(names, groups)
-    return Catalogue(images, metadata, train_index, test_index, torch.from_numpy(groups).long(), synthetic)
+    if len(train_index) < MIN_TRAIN or len(test_index) < MIN_TEST:
+        raise SystemExit(f"error: --data {root}: {len(names)} readable photos ({len(np.unique(groups))} after joining "
+                         f"copies) split into {len(train_index)} training and {len(test_index)} test products; a run "
+                         f"needs at least {MIN_TRAIN} and {MIN_TEST}")
+    return Catalogue(images, metadata, train_index, test_index, torch.from_numpy(groups).long(), root.resolve(),
+                     synthetic)
 
 
 # ----------------------------------------------------------------------------- no dataset

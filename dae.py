@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import load_catalogue, select_device
+from common import REPO, data_folder, load_catalogue, select_device
 
 
 # ----------------------------------------------------------------------------- noise
@@ -260,14 +260,16 @@ def evaluate_denoising(model, catalogue, args):
 def make_figures(model, catalogue, history, outputs, args):
     import matplotlib.pyplot as plt
 
+    tag = " [SYNTHETIC catalogue]" if catalogue.synthetic else ""  # so no one mistakes it for real results
+
     out, images, test = args.out, catalogue.images, catalogue.test_index
     # Fixed test products, spread over the (sorted) test set: the same ones every run.
     shown = torch.linspace(0, len(test) - 1, 8).long()  # positions within the test set
     for kind, candidates in outputs.items():
         rows = [images[test[shown]]] + [candidates[name][shown] for name in ("noisy input", "median filter (3)", "DAE")]
-        show_rows(rows, ["clean", "noisy", "median (3)", "DAE"], f"Denoising {kind} noise ({args.noise_strength})",
+        show_rows(rows, ["clean", "noisy", "median (3)", "DAE"], f"Denoising {kind} noise ({args.noise_strength})" + tag,
                   out / f"denoising_{kind}.png")
-        show_rows([candidates["DAE"][shown]], ["DAE"], f"DAE outputs, {kind} noise ({args.noise_strength})",
+        show_rows([candidates["DAE"][shown]], ["DAE"], f"DAE outputs, {kind} noise ({args.noise_strength})" + tag,
                   out / f"denoised_{kind}.png")
     if history:
         figure, axes = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -297,9 +299,10 @@ def parse_args(argv=None):
     parser.add_argument("--noise-strength", type=float, default=0.1,
                         help="gaussian: std; salt-and-pepper: fraction of pixels; occlusion: fraction covered")
     # data, device and outputs
-    parser.add_argument("--data", default=None, help="folder of photos (default: data/, synthetic if empty)")
-    parser.add_argument("--out", type=Path, default=Path("out/dae"), help="where figures and model.pt go")
-    parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
+    parser.add_argument("--data", default=None, help="folder of photos; if not given, the repo's data/ "
+                                                        "(a synthetic catalogue if it holds none)")
+    parser.add_argument("--out", type=Path, default=REPO / "out" / "dae", help="where figures and model.pt go")
+    parser.add_argument("--device", default=None, help="cpu, cuda or mps; if not given, the best available")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (for GPUs, CPUs with AMX)")
     # a saved run
     parser.add_argument("--figures-only", action="store_true", help="load the checkpoint, redraw, no training")
@@ -325,19 +328,33 @@ TRAINING_FLAGS = ("epochs", "batch_size", "lr", "seed")  # how it was trained: t
 
 def main(argv=None):
     args = parse_args(argv)
-    print("dae.py", " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
+    defaults = vars(parse_args([]))  # the command that reruns this: the flags that differ from the defaults
+    print("dae.py", *[f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                        for k, v in vars(args).items() if v != defaults[k] and k != "data"], "--data", data_folder(args.data))
     checkpoint, state = args.checkpoint or args.out / "model.pt", None
     if args.figures_only or args.resume:  # checked before the photos are loaded, so a wrong file fails at once
         state = load_checkpoint(checkpoint, args, MODEL_FLAGS + (TRAINING_FLAGS if args.resume else ()))
     torch.manual_seed(args.seed)
     args.device = select_device(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
     model = DenoisingAutoencoder(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)
     if state:
         model.load_state_dict(state["state_dict"])
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
     print(f"{len(train_images)} training and {len(test_images)} test products, {args.image_size} px")
+    # What the model is trained on is saved with it, so that a model and photos that do not belong together show.
+    args.catalogue = {"folder": str(catalogue.folder), "synthetic": catalogue.synthetic, "photos": len(catalogue.images)}
+    trained_on = state["args"].get("catalogue") if state else None
+    if trained_on and trained_on["synthetic"] != catalogue.synthetic:
+        kind = {True: "the synthetic catalogue", False: "real photos"}
+        print(f"note: this model was trained on {kind[trained_on['synthetic']]} ({trained_on['folder']}); "
+              f"this run shows it {kind[catalogue.synthetic]}")
+    if not (args.figures_only or args.resume) and (args.out / "model.pt").is_file():
+        found = torch.load(args.out / "model.pt", map_location="cpu", weights_only=True).get("script")
+        if found != "dae.py":
+            raise SystemExit(f"error: --out {args.out} holds a model of {found}; train dae.py into another --out "
+                             f"(or delete {args.out / 'model.pt'} first)")
+    args.out.mkdir(parents=True, exist_ok=True)
 
     history = state["history"] if state else []
     if not args.figures_only:
@@ -376,7 +393,7 @@ def main(argv=None):
                              f"add --resume to continue") from None
     _, outputs = evaluate_denoising(model, catalogue, args)
     make_figures(model, catalogue, history, outputs, args)
-    print(f"figures in {args.out}/")
+    print(f"figures in {args.out}/" + (" (a SYNTHETIC catalogue: not real results)" if catalogue.synthetic else ""))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import load_catalogue, select_device
+from common import REPO, data_folder, load_catalogue, select_device
 
 
 # ----------------------------------------------------------------------------- model
@@ -241,10 +241,11 @@ def show_rows(rows, labels, title, path, columns_titles=None):
     plt.close(figure)
 
 
-def pick(metadata, index, column, value):
-    """The first of the given products whose metadata column equals value, else the first one."""
+def pick(metadata, index, column, value, otherwise=0):
+    """The first of the given products whose metadata column equals value; if none does (a folder
+    without fashion.csv, say), the product at position `otherwise`, spread over the index."""
     matches = [i for i in index.tolist() if metadata.at[i, column] == value]
-    return matches[0] if matches else index[0].item()
+    return matches[0] if matches else index[otherwise * len(index) // 8 % len(index)].item()
 
 
 def attribute_direction(codes, metadata, train_index, column, value, category):
@@ -266,7 +267,7 @@ def write_samples(model, code_distribution, count, args):
     """`count` new products, sampled where the training codes are, as PNG files in OUT/samples/."""
     from PIL import Image
 
-    (args.out / "samples").mkdir(exist_ok=True)
+    (args.out / "samples").mkdir(parents=True, exist_ok=True)
     z = sample_codes(code_distribution, count, torch.Generator().manual_seed(args.seed + 2))
     with torch.no_grad():
         new = model.eval().decode(z.to(args.device)).cpu()
@@ -279,6 +280,8 @@ def write_samples(model, code_distribution, count, args):
 def make_figures(model, catalogue, history, samples_by_epoch, code_distribution, args):
     import matplotlib.pyplot as plt
 
+    tag = " [SYNTHETIC catalogue]" if catalogue.synthetic else ""  # so no one mistakes it for real results
+
     model.eval()
     out, images, metadata, test = args.out, catalogue.images, catalogue.metadata, catalogue.test_index
 
@@ -288,33 +291,33 @@ def make_figures(model, catalogue, history, samples_by_epoch, code_distribution,
     # Fixed test products, spread over the (sorted) test set: the same ones every run.
     shown = test[torch.linspace(0, len(test) - 1, 10).long()]
     recon = decode(model.encode(images[shown].to(args.device))[0])
-    show_rows([images[shown], recon], ["original", "VAE"], "Test products and their reconstructions",
+    show_rows([images[shown], recon], ["original", "VAE"], "Test products and their reconstructions" + tag,
               out / "reconstructions.png")
     # Application 1, new product ideas: 20 codes from the prior N(0, I) and 20 from the Gaussian
     # fitted to the training codes; the same seed draws the same eps for both, so they pair up.
     prior = torch.randn(20, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
     fitted = sample_codes(code_distribution, 20, torch.Generator().manual_seed(args.seed))
     show_rows([*decode(prior).split(10), *decode(fitted).split(10)], ["prior", "prior", "fitted", "fitted"],
-              "New products: z ~ N(0, I) (prior) and z ~ Gaussian fitted to the codes (fitted)", out / "samples.png")
+              "New products: z ~ N(0, I) (prior) and z ~ Gaussian fitted to the codes (fitted)" + tag, out / "samples.png")
     if samples_by_epoch:  # only training can draw this one: --figures-only redraws it from the checkpoint
         show_rows([s for _, s in samples_by_epoch], [f"epoch {e}" for e, _ in samples_by_epoch],
-                  "The same 10 latent codes z ~ N(0, I) decoded as training goes on", out / "samples_by_epoch.png")
+                  "The same 10 latent codes z ~ N(0, I) decoded as training goes on" + tag, out / "samples_by_epoch.png")
     # Interpolations: walk in a straight line between the codes of two real test products.
     pairs = [("ProductType", "Sports Shoes", "Heels"), ("ProductType", "Tshirts", "Dresses"),
              ("ProductType", "Casual Shoes", "Flip Flops"), ("ProductType", "Shorts", "Tops")]
     steps = torch.linspace(0, 1, 8).view(-1, 1)
     rows, labels = [], []
-    for column, start, end in pairs:
-        ends = [pick(metadata, test, column, start), pick(metadata, test, column, end)]
+    for number, (column, start, end) in enumerate(pairs):
+        ends = [pick(metadata, test, column, start, 2 * number), pick(metadata, test, column, end, 2 * number + 1)]
         mu = model.encode(images[ends].to(args.device))[0].cpu()
         rows.append(decode(mu[0] + steps * (mu[1] - mu[0])))
         labels.append(f"{metadata.at[ends[0], column]}\n-> {metadata.at[ends[1], column]}"[:40])
-    show_rows(rows, labels, "Interpolating between two test products in latent space", out / "interpolations.png")
-    # A 2-D map of the test set: the two principal directions of the latent means.
+    show_rows(rows, labels, "Interpolating between two test products in latent space" + tag, out / "interpolations.png")
+    # A 2-D map of the test set: the two principal directions of the latent means of all products.
     codes, losses = encode_all(model, images, args)  # every product: (N, latent), (N,)
-    centred = codes[test] - codes[test].mean(0)
+    centred = codes - codes.mean(0)
     _, _, directions = torch.linalg.svd(centred, full_matrices=False)  # PCA by hand
-    xy = centred @ directions[:2].T  # (N_test, 2)
+    xy = centred[test] @ directions[:2].T  # (N_test, 2)
     figure, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     for axis, column in zip(axes, ["Category", "Gender"]):
         for value in sorted(metadata[column].iloc[test.tolist()].unique()):
@@ -338,17 +341,20 @@ def make_figures(model, catalogue, history, samples_by_epoch, code_distribution,
         figure.savefig(out / "loss_curves.png", dpi=100)
         plt.close(figure)
     # Application 2, attribute edits: add the "Black" direction to the codes of products of other colours.
-    edited = [i for i in shown.tolist() if metadata.at[i, "Colour"] != "Black"][:6] or shown[:6].tolist()
-    directions = torch.stack([attribute_direction(codes, metadata, catalogue.train_index, "Colour", "Black",
-                                                  metadata.at[i, "Category"]) for i in edited])
-    strengths = [0, 0.5, 1, 1.5]
-    rows = [decode(codes[edited] + s * directions) for s in strengths]
-    show_rows(rows, [f"+{s} x black" for s in strengths], 'Attribute edit: adding the "Black" direction',
-              out / "attribute_edit.png")
+    if not (metadata["Colour"] == "Black").any():
+        print('note: no product has Colour "Black" (no fashion.csv?), so there is no attribute edit')
+    else:
+        edited = [i for i in shown.tolist() if metadata.at[i, "Colour"] != "Black"][:6] or shown[:6].tolist()
+        directions = torch.stack([attribute_direction(codes, metadata, catalogue.train_index, "Colour", "Black",
+                                                      metadata.at[i, "Category"]) for i in edited])
+        strengths = [0, 0.5, 1, 1.5]
+        rows = [decode(codes[edited] + s * directions) for s in strengths]
+        show_rows(rows, [f"+{s} x black" for s in strengths], 'Attribute edit: adding the "Black" direction' + tag,
+                  out / "attribute_edit.png")
     # Application 3, catalogue QA: the test products the model finds least likely.
     worst = test[losses[test].argsort(descending=True)[:8]]
     show_rows([images[worst], decode(codes[worst])], ["photo", "VAE"],
-              "Catalogue QA: the 8 least likely test products (highest negative ELBO)", out / "catalogue_qa.png")
+              "Catalogue QA: the 8 least likely test products (highest negative ELBO)" + tag, out / "catalogue_qa.png")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -365,9 +371,10 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=int, default=64, help="photos are resized to this (multiple of 16)")
     parser.add_argument("--beta", type=float, default=1.0, help="weight of the KL term in the loss")
     # data, device and outputs
-    parser.add_argument("--data", default=None, help="folder of photos (default: data/, synthetic if empty)")
-    parser.add_argument("--out", type=Path, default=Path("out/vae"), help="where figures and model.pt go")
-    parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
+    parser.add_argument("--data", default=None, help="folder of photos; if not given, the repo's data/ "
+                                                        "(a synthetic catalogue if it holds none)")
+    parser.add_argument("--out", type=Path, default=REPO / "out" / "vae", help="where figures and model.pt go")
+    parser.add_argument("--device", default=None, help="cpu, cuda or mps; if not given, the best available")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (for GPUs, CPUs with AMX)")
     # a saved run
     parser.add_argument("--figures-only", action="store_true", help="load the checkpoint, redraw, no training")
@@ -394,13 +401,14 @@ TRAINING_FLAGS = ("epochs", "batch_size", "lr", "seed")  # how it was trained: t
 
 def main(argv=None):
     args = parse_args(argv)
-    print("vae.py", " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
+    defaults = vars(parse_args([]))  # the command that reruns this: the flags that differ from the defaults
+    print("vae.py", *[f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                        for k, v in vars(args).items() if v != defaults[k] and k != "data"], "--data", data_folder(args.data))
     checkpoint, state = args.checkpoint or args.out / "model.pt", None
     if args.figures_only or args.resume:  # checked before the photos are loaded, so a wrong file fails at once
         state = load_checkpoint(checkpoint, args, MODEL_FLAGS + (TRAINING_FLAGS if args.resume else ()))
     torch.manual_seed(args.seed)
     args.device = select_device(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
     model = VAE(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)
     if state:
         model.load_state_dict(state["state_dict"])
@@ -417,6 +425,19 @@ def main(argv=None):
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
     print(f"{len(train_images)} training and {len(test_images)} test products, {args.image_size} px")
+    # What the model is trained on is saved with it, so that a model and photos that do not belong together show.
+    args.catalogue = {"folder": str(catalogue.folder), "synthetic": catalogue.synthetic, "photos": len(catalogue.images)}
+    trained_on = state["args"].get("catalogue") if state else None
+    if trained_on and trained_on["synthetic"] != catalogue.synthetic:
+        kind = {True: "the synthetic catalogue", False: "real photos"}
+        print(f"note: this model was trained on {kind[trained_on['synthetic']]} ({trained_on['folder']}); "
+              f"this run shows it {kind[catalogue.synthetic]}")
+    if not (args.figures_only or args.resume) and (args.out / "model.pt").is_file():
+        found = torch.load(args.out / "model.pt", map_location="cpu", weights_only=True).get("script")
+        if found != "vae.py":
+            raise SystemExit(f"error: --out {args.out} holds a model of {found}; train vae.py into another --out "
+                             f"(or delete {args.out / 'model.pt'} first)")
+    args.out.mkdir(parents=True, exist_ok=True)
 
     if not args.figures_only:
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -468,7 +489,8 @@ def main(argv=None):
         write_samples(model, code_distribution, args.num_samples, args)
     final = run_epoch(model, test_images, args)
     print(f"test (z = mu): negative ELBO {final['loss']:.1f} = reconstruction {final['reconstruction']:.1f} + "
-          f"{args.beta} x KL {final['kl']:.1f}, PSNR {final['psnr']:.2f} dB; figures in {args.out}/")
+          f"{args.beta} x KL {final['kl']:.1f}, PSNR {final['psnr']:.2f} dB; figures in {args.out}/"
+          + (" (a SYNTHETIC catalogue: not real results)" if catalogue.synthetic else ""))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,12 @@ def load(root, tmp_path, size=32):
     return common.load_catalogue(root, image_size=size, cache_dir=tmp_path / "cache")
 
 
+def framed(root, tmp_path, size=32):
+    """The framed photos of a folder, without the split (which needs a few products)."""
+    pixels, metadata, _ = common.load_folder(root, size, tmp_path / "cache")
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255, metadata
+
+
 def test_kaggle_layout_loads_with_metadata_joined(tmp_path):
     catalogue = load(make_kaggle_layout(tmp_path / "data"), tmp_path)
     assert catalogue.images.shape == (12, 3, 32, 32)
@@ -77,9 +83,9 @@ def test_every_image_mode_loads_as_rgb_with_transparency_on_white(tmp_path):
     transparent = Image.new("RGBA", (60, 80), (0, 0, 0, 0))  # black but fully transparent ...
     ImageDraw.Draw(transparent).rectangle((20, 20, 40, 60), fill=(0, 0, 255, 255))  # ... around a blue block
     transparent.save(root / "rgba.png")
-    catalogue = load(root, tmp_path)
-    assert catalogue.images.shape == (6, 3, 32, 32)
-    by_name = dict(zip(catalogue.metadata["path"], catalogue.images))
+    images, metadata = framed(root, tmp_path)
+    assert images.shape == (6, 3, 32, 32)
+    by_name = dict(zip(metadata["path"], images))
     assert torch.allclose(by_name["rgba.png"][:, 0, 0], torch.ones(3))  # the transparent corner is white
     assert by_name["rgba.png"][2].min() > 0.9 and by_name["rgba.png"][0].min() < 0.1  # the block is blue
     grey = by_name["grey.jpg"]
@@ -123,7 +129,7 @@ def test_product_on_wide_canvas_fills_the_frame_without_stretching(tmp_path):
     canvas = Image.new("RGB", (1000, 1000), "white")
     ImageDraw.Draw(canvas).rectangle((300, 500, 499, 599), fill="black")  # 200 x 100 px, 2:1
     canvas.save(root / "shoe.png")
-    dark = load(root, tmp_path, size=64).images[0, 0] < 0.5  # (64, 64)
+    dark = framed(root, tmp_path, size=64)[0][0, 0] < 0.5  # (64, 64)
     columns, rows = dark.any(0).sum().item(), dark.any(1).sum().item()
     assert columns >= 56  # cropped: the product spans the frame, not a fifth of it
     assert abs(columns / rows - 2) < 0.15  # padded, not stretched: still twice as wide as high
@@ -133,7 +139,7 @@ def test_blank_image_does_not_crash(tmp_path):
     root = tmp_path / "blank"
     root.mkdir()
     Image.new("RGB", (50, 70), "white").save(root / "blank.png")
-    assert load(root, tmp_path).images.min() == 1.0
+    assert framed(root, tmp_path)[0].min() == 1.0
 
 
 def test_full_size_photo_and_its_reduced_copy_are_framed_the_same(tmp_path):
@@ -141,7 +147,7 @@ def test_full_size_photo_and_its_reduced_copy_are_framed_the_same(tmp_path):
     root.mkdir()
     product_photo(1800, 2400).save(root / "full.jpg", quality=90)
     product_photo(1800, 2400).resize((180, 240), Image.Resampling.LANCZOS).save(root / "reduced.jpg", quality=90)
-    full, reduced = load(root, tmp_path, size=64).images
+    full, reduced = framed(root, tmp_path, size=64)[0]
     assert psnr(full, reduced) > 30
 
 
@@ -152,7 +158,7 @@ def test_real_photos_upscaled_to_full_size_are_framed_the_same(tmp_path):
         photo.save(tmp_path / f"{index}-reduced.jpg", quality=95)
         photo.resize((photo.width * 10, photo.height * 10), Image.Resampling.BICUBIC).save(
             tmp_path / f"{index}-full.jpg", quality=90)
-    images = load(tmp_path, tmp_path, size=64).images
+    images = framed(tmp_path, tmp_path, size=64)[0]
     for full, reduced in zip(images[0::2], images[1::2]):
         assert psnr(full, reduced) > 30
 

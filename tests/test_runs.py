@@ -3,6 +3,8 @@
 import csv
 
 import pytest
+import torch
+from PIL import Image, ImageDraw
 
 import ae
 import common
@@ -62,3 +64,66 @@ def test_resume_refuses_a_flag_that_changes_the_run(synthetic, tmp_path):
     ae.main([*synthetic, "--epochs", "1", "--out", str(tmp_path / "run")])
     with pytest.raises(SystemExit, match="trained with --epochs 1, but this run asks for 9"):
         ae.main(["--resume", "--out", str(tmp_path / "run"), "--epochs", "9"])
+
+
+def photo_folder(root, count, csv=False):
+    """`count` distinct drawn products in two folders (Apparel/, Footwear/), with or without fashion.csv."""
+    for index in range(count):
+        folder = root / ("Apparel" if index % 2 else "Footwear")
+        folder.mkdir(parents=True, exist_ok=True)
+        image = Image.new("RGB", (48, 64), "white")
+        colour = ((index * 97) % 256, (index * 57) % 256, (index * 31) % 256)
+        ImageDraw.Draw(image).rectangle((4 + 3 * index % 20, 8, 44, 20 + 5 * index % 40), fill=colour)
+        image.save(folder / f"{500 + index}.png")
+    return root
+
+
+FLAGS = ["--image-size", "32", "--latent-dim", "8", "--batch-size", "8", "--device", "cpu", "--epochs", "1"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda module: module.__name__)
+@pytest.mark.parametrize("count", [3, 12], ids=["the minimum", "no fashion.csv"])
+def test_a_folder_without_csv_or_with_the_fewest_photos_runs_end_to_end(script, count, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "CACHE_DIR", tmp_path / "cache")
+    out = tmp_path / "out"
+    script.main([*FLAGS, "--data", str(photo_folder(tmp_path / "photos", count)), "--out", str(out)])
+    assert (out / "model.pt").is_file() and (out / "metrics.csv").is_file()
+    assert len(list(out.glob("*.png"))) >= 2  # the figures that need no labels are drawn
+    assert "first folder level is the only label" in capsys.readouterr().out
+
+
+def test_fewer_photos_than_a_run_needs_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "CACHE_DIR", tmp_path / "cache")
+    with pytest.raises(SystemExit, match="2 readable photos .* split into 1 training and 1 test .* at least 2 and 1"):
+        vae.main([*FLAGS, "--data", str(photo_folder(tmp_path / "photos", 2)), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()  # a failed run leaves no empty folder behind
+
+
+def test_a_script_will_not_train_into_a_folder_holding_another_scripts_model(synthetic, tmp_path):
+    ae.main([*synthetic, "--epochs", "1", "--out", str(tmp_path / "shared")])
+    before = (tmp_path / "shared" / "model.pt").read_bytes()
+    with pytest.raises(SystemExit, match="holds a model of ae.py; train vae.py into another --out"):
+        vae.main([*synthetic, "--epochs", "1", "--out", str(tmp_path / "shared")])
+    assert (tmp_path / "shared" / "model.pt").read_bytes() == before
+
+
+def test_the_defaults_mean_the_repos_own_folders_wherever_the_script_starts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert common.DEFAULT_DATA == common.REPO / "data" and common.DEFAULT_DATA.is_absolute()
+    for script in SCRIPTS:
+        assert script.parse_args([]).out == common.REPO / "out" / script.__name__
+
+
+def test_the_first_line_is_a_command_that_reruns_the_run(synthetic, tmp_path, capsys):
+    dae.main([*synthetic, "--epochs", "1", "--out", str(tmp_path / "run"), "--bf16"][:-1])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == (f"dae.py --epochs 1 --batch-size 64 --latent-dim 8 --image-size 32 --out {tmp_path / 'run'} "
+                     f"--device cpu --data {common.DEFAULT_DATA}")
+    assert dae.parse_args(first.split()[1:]).epochs == 1  # it parses back
+
+
+def test_a_synthetic_run_says_so_at_the_end_and_the_model_remembers_it(synthetic, tmp_path, capsys):
+    vae.main([*synthetic, "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert "SYNTHETIC catalogue: not real results" in capsys.readouterr().out.splitlines()[-1]
+    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["args"]["catalogue"]
+    assert saved["synthetic"] and saved["photos"] == 600
