@@ -29,76 +29,101 @@ Again:  python dae.py --figures-only   (the table and figures from the saved mod
 
 import argparse
 import csv
+import io
 import math
 import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, ImageFilter
 from torch import nn
 
-from common import REPO, data_folder, load_catalogue, select_device
+from common import REPO, data_folder, load_catalogue, select_device, to_rgb
 
 
 # ----------------------------------------------------------------------------- noise
-NOISE_KINDS = ("gaussian", "salt-and-pepper", "occlusion")
+NOISE_KINDS = ("gaussian", "salt-and-pepper", "occlusion", "jpeg")
 
 
 def add_noise(images, kind, strength, generator=None):
-    """A corrupted copy of images (B, 3, S, S) in [0, 1]; the input is left untouched."""
+    """A corrupted copy of images (B, 3, S, S) in [0, 1]; the input is left untouched. `strength` is
+    one number, or one per image (B,): training draws it per image, so the model learns every level."""
     batch, _, size, _ = images.shape
+    strength = torch.as_tensor(strength, dtype=torch.float32).expand(batch)  # (B,)
     if kind == "gaussian":
         # N(0, strength^2) is added to every pixel, then clamped to [0, 1]. The clamp matters on
         # product photos: a white background pixel can only get darker, so half its noise is cut
         # off, and the noisy photo scores a higher PSNR than the textbook 20 dB at strength 0.1.
-        noise = torch.randn(images.shape, generator=generator) * strength
+        noise = torch.randn(images.shape, generator=generator) * strength.view(-1, 1, 1, 1)
         return (images + noise.to(images.device)).clamp(0, 1)
     if kind == "salt-and-pepper":  # a fraction `strength` of pixels turns black or white
-        hit = torch.rand(batch, 1, size, size, generator=generator) < strength
+        hit = torch.rand(batch, 1, size, size, generator=generator) < strength.view(-1, 1, 1, 1)
         salt = (torch.rand(batch, 1, size, size, generator=generator) < 0.5).float()
         return torch.where(hit.to(images.device), salt.to(images.device), images)
-    if kind == "occlusion":  # grey rectangles, like stickers or watermarks, over about `strength` of the image
-        noisy = images.clone()
-        for i in range(batch):
+    noisy = images.clone()
+    for i in range(batch):
+        if kind == "occlusion":  # grey rectangles, like stickers or watermarks, over about `strength` of the image
             covered = torch.zeros(size, size, dtype=torch.bool)
-            while covered.float().mean() < strength:
+            while covered.float().mean() < strength[i]:
                 height, width = (torch.randint(size // 8, size // 3 + 1, (2,), generator=generator)).tolist()
                 top, left = (torch.randint(0, size - height + 1, (1,), generator=generator).item(),
                              torch.randint(0, size - width + 1, (1,), generator=generator).item())
                 covered[top:top + height, left:left + width] = True
-            shade = torch.rand(1, generator=generator).item()
-            noisy[i][:, covered.to(images.device)] = shade
-        return noisy
-    raise ValueError(f"unknown noise kind {kind!r}; choose from {', '.join(NOISE_KINDS)}")
+            noisy[i][:, covered.to(images.device)] = torch.rand(1, generator=generator).item()
+        elif kind == "jpeg":  # saved as a JPEG of quality 100 * (1 - strength): blocks, ringing, colour bleeding
+            noisy[i] = jpeg_roundtrip(images[i], quality=max(1, round(100 * (1 - strength[i].item()))))
+        else:
+            raise ValueError(f"unknown noise kind {kind!r}; choose from {', '.join(NOISE_KINDS)}")
+    return noisy
+
+
+def jpeg_roundtrip(image, quality):
+    """One (3, S, S) image through Pillow's JPEG encoder and back."""
+    buffer = io.BytesIO()
+    Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().cpu().numpy()).save(buffer, "JPEG", quality=quality)
+    decoded = np.asarray(Image.open(buffer).convert("RGB"))
+    return torch.from_numpy(decoded.copy()).permute(2, 0, 1).to(image.device).float() / 255
 
 
 # ----------------------------------------------------------------------------- model
-class DenoisingAutoencoder(nn.Module):
-    """Fully convolutional: three stride-2 convolutions to an 8x8 code (at 64 px), three back."""
+def conv_block(inputs, outputs, stride=1):
+    return [nn.Conv2d(inputs, outputs, 3, stride, 1), nn.BatchNorm2d(outputs), nn.ReLU()]
 
-    def __init__(self, image_size=64, latent_dim=32, channels=(32, 64)):
+
+class DenoisingAutoencoder(nn.Module):
+    """A small U-Net that predicts the noise and subtracts it, working on a pixel-unshuffled copy.
+
+        noisy (B, 3, S, S) -> unshuffle -> (B, 12, S/2, S/2) -> features (B, C, S/2, S/2)  --- skip ---+
+            -> stride-2 convolutions -> code (B, latent, S/4, S/4) -> upsample -> (B, C, S/2, S/2) -+-> concat
+            -> convolutions -> (B, 12, S/2, S/2) -> shuffle -> noise estimate r (B, 3, S, S)
+        clean estimate = noisy - r
+
+    Unshuffling moves each 2x2 block of pixels into 12 channels: nothing is lost, and no layer runs
+    at full resolution, where a CPU spends its time. Any height and width that divide by 4 work.
+    """
+
+    def __init__(self, image_size=64, latent_dim=64, channels=32):
         super().__init__()
         if image_size < 32 or image_size % 16:
             raise SystemExit(f"error: --image-size {image_size}: must be a multiple of 16, at least 32")
-        encoder, previous = [], 3
-        for width in [*channels, latent_dim]:  # each block: (B, previous, s, s) -> (B, width, s/2, s/2)
-            encoder += [nn.Conv2d(previous, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.LeakyReLU(0.2)]
-            previous = width
-        self.encoder = nn.Sequential(*encoder)
-        decoder = []
-        for width in reversed(channels):  # each block: (B, previous, s, s) -> (B, width, 2s, 2s)
-            decoder += [nn.ConvTranspose2d(previous, width, 3, 2, 1, output_padding=1), nn.BatchNorm2d(width), nn.ReLU()]
-            previous = width
-        self.decoder = nn.Sequential(*decoder, nn.ConvTranspose2d(previous, 3, 3, 2, 1, output_padding=1), nn.Sigmoid())
+        self.features = nn.Sequential(nn.PixelUnshuffle(2), *conv_block(12, channels))  # (B, C, S/2, S/2)
+        self.encoder = nn.Sequential(*conv_block(channels, latent_dim, stride=2), *conv_block(latent_dim, latent_dim))
+        self.decoder = nn.Sequential(nn.ConvTranspose2d(latent_dim, channels, 4, 2, 1), nn.BatchNorm2d(channels),
+                                     nn.ReLU())  # kernel 4, stride 2: every output pixel gets the same overlap
+        self.to_noise = nn.Sequential(*conv_block(2 * channels, channels), nn.Conv2d(channels, 12, 3, 1, 1),
+                                      nn.PixelShuffle(2))  # (B, 3, S, S)
 
     def encode(self, images):  # (B, 3, S, S)
-        return self.encoder(images)  # (B, latent, S/8, S/8)
+        return self.encoder(self.features(images))  # (B, latent, S/4, S/4)
 
-    def decode(self, code):  # (B, latent, S/8, S/8)
-        return self.decoder(code)  # (B, 3, S, S), in [0, 1]
-
-    def forward(self, images):
-        return self.decode(self.encode(images))
+    def forward(self, noisy):
+        features = self.features(noisy)  # (B, C, S/2, S/2)
+        upsampled = self.decoder(self.encoder(features))  # (B, C, S/2, S/2)
+        # The skip hands the decoder the fine detail the code has no room for; the code says what is noise.
+        noise = self.to_noise(torch.cat([features, upsampled], dim=1))  # (B, 3, S, S)
+        return (noisy - noise).clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -125,7 +150,12 @@ def run_epoch(model, images, args, optimizer=None, generator=None):
     sums = torch.zeros(3)
     for start in range(0, len(images), args.batch_size):
         batch = images[order[start:start + args.batch_size]].to(args.device, memory_format=torch.channels_last)
-        noisy = add_noise(batch, args.noise, args.noise_strength, generator)  # fresh noise every batch
+        # Fresh noise every batch. A user does not know how noisy a photo is, so training draws each
+        # image's strength from [0, 2 x --noise-strength] and the model learns to clean every level
+        # ("blind" denoising); the test uses --noise-strength itself.
+        strength = torch.rand(len(batch), generator=generator) * 2 * args.noise_strength if training \
+            else args.noise_strength
+        noisy = add_noise(batch, args.noise, strength, generator)
         with torch.set_grad_enabled(training), torch.autocast(args.device.type, torch.bfloat16, enabled=args.bf16):
             recon = model(noisy).float()
         loss = reconstruction_loss(recon, batch)
@@ -219,9 +249,6 @@ def show_rows(rows, labels, title, path, columns_titles=None):
 # Application: cleaning product photos, measured against two classic filters from Pillow.
 def pillow_filter(images, image_filter):
     """Apply a Pillow filter to each image of a (B, 3, S, S) tensor."""
-    import numpy as np
-    from PIL import Image
-
     filtered = []
     for image in images:
         pixels = (image.permute(1, 2, 0) * 255).round().byte().numpy()
@@ -231,29 +258,78 @@ def pillow_filter(images, image_filter):
 
 @torch.no_grad()
 def evaluate_denoising(model, catalogue, args):
-    """PSNR on the test set for every noise kind (seeded): noisy input, filters, the DAE."""
-    from PIL import ImageFilter
-
+    """PSNR on the test set (seeded noise) of the noisy input, two filters and the DAE: the trained
+    kind from no noise to twice --noise-strength, then every other kind at --noise-strength."""
     clean = catalogue.images[catalogue.test_index]
+    levels = [(args.noise, round(factor * args.noise_strength, 4)) for factor in (0, 0.5, 1, 1.5, 2)]
+    levels += [(kind, args.noise_strength) for kind in NOISE_KINDS if kind != args.noise]
     rows, outputs = [], {}
-    for kind in NOISE_KINDS:
-        noisy = add_noise(clean, kind, args.noise_strength, torch.Generator().manual_seed(args.seed))
+    for kind, strength in levels:
+        noisy = add_noise(clean, kind, strength, torch.Generator().manual_seed(args.seed))
         candidates = {"noisy input": noisy,
                       "median filter (3)": pillow_filter(noisy, ImageFilter.MedianFilter(3)),
                       "gaussian blur (1)": pillow_filter(noisy, ImageFilter.GaussianBlur(1)),
                       "DAE": denoise_all(model, noisy, args)}
-        scores = {name: psnr(images, clean).mean().item() for name, images in candidates.items()}
-        trained = " (trained on)" if kind == args.noise else ""
-        rows.append({"noise": f"{kind} {args.noise_strength}{trained}", **scores})
-        outputs[kind] = candidates
+        rows.append({"noise": kind + (" (trained on)" if kind == args.noise else ""), "strength": strength,
+                     **{name: psnr(images, clean).mean().item() for name, images in candidates.items()}})
+        if strength == args.noise_strength:
+            outputs[kind] = candidates
     print(f"denoising the {len(clean)} test products, PSNR in dB (higher is better):")
-    print(f"  {'noise':34s}" + "".join(f"{name:>19s}" for name in rows[0] if name != "noise"))
+    print(f"  {'noise':28s}{'strength':>9s}" + "".join(f"{name:>19s}" for name in rows[0] if name in candidates))
     for row in rows:
-        print(f"  {row['noise']:34s}" + "".join(f"{value:19.2f}" for name, value in row.items() if name != "noise"))
+        print(f"  {row['noise']:28s}{row['strength']:9.3f}" + "".join(f"{row[name]:19.2f}" for name in candidates))
     with open(args.out / "denoising.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader(), writer.writerows(rows)
+        writer.writeheader()
+        writer.writerows(rows)
     return rows, outputs
+
+
+def clean_photos(model, paths, args):
+    """--clean: denoise each photo file at its own size, in tiles, into OUT/<name>_clean.png."""
+    failed = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            print(f"error: --clean {path}: no such file")
+            failed.append(path)
+            continue
+        try:
+            with Image.open(path) as opened:
+                photo = torch.from_numpy(np.asarray(to_rgb(opened)).copy()).permute(2, 0, 1).float() / 255
+        except (OSError, SyntaxError, ValueError) as error:
+            print(f"error: --clean {path}: not a readable image ({error.__class__.__name__})")
+            failed.append(path)
+            continue
+        cleaned = denoise_large(model, photo, args)
+        target = args.out / f"{path.stem}_clean.png"
+        if target.resolve() == path.resolve():  # never write over the photo it came from
+            target = args.out / f"{path.stem}_clean_again.png"
+        Image.fromarray((cleaned.permute(1, 2, 0) * 255).round().byte().numpy()).save(target)
+        print(f"cleaned {path} ({photo.shape[2]}x{photo.shape[1]}) -> {target}")
+    if failed:
+        raise SystemExit(f"error: {len(failed)} of {len(paths)} photos could not be read: "
+                         + ", ".join(map(str, failed)))
+
+
+@torch.no_grad()
+def denoise_large(model, photo, args, tile=256, margin=16):
+    """(3, H, W) of any size -> (3, H, W). The net is fully convolutional, so it runs on tiles of
+    `tile` pixels, each with a `margin` of context all round that is cut off again: a photo larger
+    than memory allows is cleaned a piece at a time, without seams. The last row and column of
+    pixels are repeated until every tile's size divides by 4, as the net needs."""
+    model.eval()
+    _, height, width = photo.shape
+    cleaned = torch.empty_like(photo)
+    for top in range(0, height, tile):
+        for left in range(0, width, tile):
+            bottom, right = min(top + tile, height), min(left + tile, width)
+            y0, x0 = max(0, top - margin), max(0, left - margin)
+            window = photo[:, y0:min(height, bottom + margin), x0:min(width, right + margin)]
+            pad_y, pad_x = -window.shape[1] % 4, -window.shape[2] % 4
+            padded = nn.functional.pad(window[None], (0, pad_x, 0, pad_y), mode="replicate")
+            out = model(padded.to(args.device)).cpu()[0]
+            cleaned[:, top:bottom, left:right] = out[:, top - y0:bottom - y0, left - x0:right - x0]
+    return cleaned
 
 
 @torch.no_grad()
@@ -292,12 +368,13 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (cosine decay to 0)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the model, the batches and the figures")
     # model
-    parser.add_argument("--latent-dim", type=int, default=32, help="channels of the 8x8 code (S/8 x S/8)")
+    parser.add_argument("--latent-dim", type=int, default=64, help="channels of the code, a grid of S/4 x S/4")
     parser.add_argument("--image-size", type=int, default=64, help="photos are resized to this (multiple of 16)")
     # noise
     parser.add_argument("--noise", choices=NOISE_KINDS, default="gaussian", help="the corruption to train on")
     parser.add_argument("--noise-strength", type=float, default=0.1,
-                        help="gaussian: std; salt-and-pepper: fraction of pixels; occlusion: fraction covered")
+                        help="the test's strength; training draws each image's from [0, twice this]. gaussian: std; "
+                             "salt-and-pepper: fraction of pixels; occlusion: fraction covered; jpeg: 1 - quality/100")
     # data, device and outputs
     parser.add_argument("--data", default=None, help="folder of photos; if not given, the repo's data/ "
                                                         "(a synthetic catalogue if it holds none)")
@@ -308,14 +385,17 @@ def parse_args(argv=None):
     parser.add_argument("--figures-only", action="store_true", help="load the checkpoint, redraw, no training")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from the checkpoint")
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="the model --figures-only or --resume loads (default: OUT/model.pt)")
+                        help="the model --figures-only, --resume or --clean loads (default: OUT/model.pt)")
+    # a tool for a shop, on a trained model
+    parser.add_argument("--clean", nargs="+", default=None, metavar="PHOTO",
+                        help="denoise these photo files at their own size into OUT/<name>_clean.png")
     args = parser.parse_args(argv)
     for flag in ("epochs", "batch_size", "latent_dim"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if not args.lr > 0:
         parser.error("--lr must be positive")
-    if args.checkpoint and not (args.figures_only or args.resume):
+    if args.checkpoint and not (args.figures_only or args.resume or args.clean):
         parser.error("--checkpoint names the model to load with --figures-only or --resume; training writes OUT/model.pt")
     if not 0 < args.noise_strength < 1:
         parser.error("--noise-strength must be between 0 and 1")
@@ -332,13 +412,16 @@ def main(argv=None):
     print("dae.py", *[f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
                         for k, v in vars(args).items() if v != defaults[k] and k != "data"], "--data", data_folder(args.data))
     checkpoint, state = args.checkpoint or args.out / "model.pt", None
-    if args.figures_only or args.resume:  # checked before the photos are loaded, so a wrong file fails at once
+    if args.figures_only or args.resume or args.clean:  # checked before the photos are loaded: a wrong file fails at once
         state = load_checkpoint(checkpoint, args, MODEL_FLAGS + (TRAINING_FLAGS if args.resume else ()))
     torch.manual_seed(args.seed)
     args.device = select_device(args.device)
     model = DenoisingAutoencoder(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)
     if state:
         model.load_state_dict(state["state_dict"])
+    if args.clean:  # the user's own photos: no catalogue needed
+        args.out.mkdir(parents=True, exist_ok=True)
+        return clean_photos(model, args.clean, args)
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
     print(f"{len(train_images)} training and {len(test_images)} test products, {args.image_size} px")
