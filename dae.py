@@ -30,6 +30,7 @@ Again:  python dae.py --figures-only   (the table and figures from the saved mod
 import argparse
 import csv
 import io
+import json
 import math
 import os
 import time
@@ -104,7 +105,7 @@ class DenoisingAutoencoder(nn.Module):
     at full resolution, where a CPU spends its time. Any height and width that divide by 4 work.
     """
 
-    def __init__(self, image_size=64, latent_dim=64, channels=32):
+    def __init__(self, image_size=64, latent_dim=48, channels=24):
         super().__init__()
         if image_size < 32 or image_size % 16:
             raise SystemExit(f"error: --image-size {image_size}: must be a multiple of 16, at least 32")
@@ -358,17 +359,90 @@ def make_figures(model, catalogue, history, outputs, args):
         figure.tight_layout(), figure.savefig(out / "loss_curves.png", dpi=100), plt.close(figure)
 
 
+# ----------------------------------------------------------------------------- the three models on the same axes
+# ae.py, dae.py and vae.py each write the same OUT/summary.json, so that the README can compare them.
+def precision_at_5(codes, catalogue, column):
+    """Share of the 5 training products nearest to each test product (cosine of codes) with its label."""
+    train, test = catalogue.train_index, catalogue.test_index
+    unit = codes / codes.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    neighbours = train[(unit[test] @ unit[train].T).topk(min(5, len(train)), dim=1).indices]  # (N_test, 5)
+    labels = catalogue.metadata[column].to_numpy()
+    return float((labels[neighbours.numpy()] == labels[test.numpy(), None]).mean())
+
+
+def linear_probe(train_codes, train_labels, test_codes, test_labels, steps=300):
+    """Test accuracy of a logistic regression trained on the training codes: how much of a label a
+    straight line can read off the code. Codes are standardised so every dimension counts alike."""
+    classes = sorted(set(train_labels))
+    mean, scale = train_codes.mean(0), train_codes.std(0).clamp_min(1e-6)
+    layer = nn.Linear(train_codes.shape[1], len(classes))
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.01, weight_decay=1e-4)
+    targets = torch.tensor([classes.index(label) for label in train_labels])
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = nn.functional.cross_entropy(layer((train_codes - mean) / scale), targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    predicted = layer((test_codes - mean) / scale).argmax(1).tolist()
+    return sum(classes[p] == label for p, label in zip(predicted, test_labels)) / len(test_labels)
+
+
+def frechet_distance(samples, photos, components=32):
+    """How far a set of generated images lies from the photos, as distributions: both are projected
+    on the photos' first principal components (of 16x16 thumbnails), and the two Gaussians compared,
+    as FID does with a classifier's features: ||m1 - m2||^2 + Tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2)."""
+    def thumbnails(images):
+        return nn.functional.adaptive_avg_pool2d(images, 16).flatten(1).double()
+
+    reference = thumbnails(photos)
+    centre = reference.mean(0)
+    directions = torch.linalg.svd(reference - centre, full_matrices=False)[2][:components]
+    a, b = (thumbnails(samples) - centre) @ directions.T, (reference - centre) @ directions.T
+    covariance_a, covariance_b = torch.cov(a.T), torch.cov(b.T)
+    values, vectors = torch.linalg.eigh(covariance_a)
+    root = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T  # S1^1/2
+    cross = torch.linalg.eigvalsh(root @ covariance_b @ root).clamp_min(0).sqrt().sum()
+    return (((a.mean(0) - b.mean(0)) ** 2).sum() + covariance_a.trace() + covariance_b.trace() - 2 * cross).item()
+
+
+@torch.no_grad()
+def write_summary(model, catalogue, history, codes, samples, args):
+    """OUT/summary.json: the same numbers for every model, and the same 8 test products reconstructed."""
+    tag = " [SYNTHETIC catalogue]" if catalogue.synthetic else ""
+    images, metadata, train, test = catalogue.images, catalogue.metadata, catalogue.train_index, catalogue.test_index
+    clean_output = denoise_all(model, images[test], args)  # a clean photo in: how much of it comes back
+    summary = {"model": Path(__file__).name, "test_psnr_clean": psnr(clean_output, images[test]).mean().item(),
+               "code_size": codes.shape[1]}
+    for column in ("ProductType", "Colour", "Category"):  # None where the photos have no such label
+        labelled = (metadata[column] != "").any()
+        labels = metadata[column].tolist()
+        if column != "Category":
+            summary[f"precision@5_{column}"] = precision_at_5(codes, catalogue, column) if labelled else None
+        if column != "Colour":
+            summary[f"probe_{column}"] = linear_probe(codes[train], [labels[i] for i in train.tolist()], codes[test],
+                                                      [labels[i] for i in test.tolist()]) if labelled else None
+    summary["sample_frechet_distance"] = frechet_distance(samples, images[train]) if samples is not None else None
+    summary["seconds_per_epoch"] = float(np.median([h["seconds"] for h in history])) if history else None
+    summary["parameters"] = sum(p.numel() for p in model.parameters())
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print("summary:", ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    shown = test[torch.linspace(0, len(test) - 1, 8).long()]  # the same 8 test products in all three scripts
+    show_rows([model(images[shown].to(args.device)).float().cpu()], ["DAE"],
+              "The same 8 test products, reconstructed from clean photos" + tag, args.out / "same_products.png")
+
+
 # ----------------------------------------------------------------------------- command line
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # training
     parser.add_argument("--epochs", type=int, default=50, help="passes over the training set")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per optimisation step")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per optimisation step")
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (cosine decay to 0)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the model, the batches and the figures")
     # model
-    parser.add_argument("--latent-dim", type=int, default=64, help="channels of the code, a grid of S/4 x S/4")
+    parser.add_argument("--latent-dim", type=int, default=48, help="channels of the code, a grid of S/4 x S/4")
     parser.add_argument("--image-size", type=int, default=64, help="photos are resized to this (multiple of 16)")
     # noise
     parser.add_argument("--noise", choices=NOISE_KINDS, default="gaussian", help="the corruption to train on")
@@ -476,6 +550,12 @@ def main(argv=None):
                              f"add --resume to continue") from None
     _, outputs = evaluate_denoising(model, catalogue, args)
     make_figures(model, catalogue, history, outputs, args)
+    # The DAE's code is a grid of S/4 x S/4; averaged to 4x4 it says what is in the photo more than where.
+    with torch.no_grad():
+        codes = torch.cat([nn.functional.adaptive_avg_pool2d(model.eval().encode(batch.to(args.device)), 4).flatten(1)
+                           for batch in catalogue.images.split(256)]).cpu()
+    # No samples: its decoder needs the skip features of a real photo, so a code alone cannot be drawn.
+    write_summary(model, catalogue, history, codes, None, args)
     print(f"figures in {args.out}/" + (" (a SYNTHETIC catalogue: not real results)" if catalogue.synthetic else ""))
 
 

@@ -1,6 +1,7 @@
 """What the three scripts share about a run: --resume, --checkpoint, metrics.csv, Ctrl-C."""
 
 import csv
+import json
 
 import pytest
 import torch
@@ -127,3 +128,30 @@ def test_a_synthetic_run_says_so_at_the_end_and_the_model_remembers_it(synthetic
     assert "SYNTHETIC catalogue: not real results" in capsys.readouterr().out.splitlines()[-1]
     saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["args"]["catalogue"]
     assert saved["synthetic"] and saved["photos"] == 600
+
+
+def test_the_linear_probe_reads_separable_labels_and_not_shuffled_ones():
+    torch.manual_seed(0)
+    labels = ["shoe", "shirt"] * 100
+    codes = torch.randn(200, 16)
+    codes[:, 3] += torch.tensor([4.0 if label == "shoe" else -4.0 for label in labels])  # one dimension tells
+    assert ae.linear_probe(codes[:150], labels[:150], codes[150:], labels[150:]) == 1.0
+    shuffled = [labels[i] for i in torch.randperm(200).tolist()]
+    assert 0.25 < ae.linear_probe(codes[:150], shuffled[:150], codes[150:], shuffled[150:]) < 0.75  # chance is 0.5
+
+
+def test_the_frechet_distance_is_zero_for_the_same_set_and_grows_with_the_difference():
+    torch.manual_seed(0)
+    photos = torch.rand(300, 3, 16, 16)
+    assert abs(vae.frechet_distance(photos, photos)) < 1e-6
+    assert 0 < vae.frechet_distance(photos * 0.9, photos) < vae.frechet_distance(photos * 0.5, photos)
+
+
+def test_the_three_scripts_write_the_same_summary_keys(synthetic, tmp_path):
+    keys = []
+    for script in SCRIPTS:
+        script.main([*synthetic, "--epochs", "1", "--out", str(tmp_path / script.__name__)])
+        summary = json.loads((tmp_path / script.__name__ / "summary.json").read_text())
+        assert summary["test_psnr_clean"] > 5 and summary["parameters"] > 1000
+        keys.append(set(summary))
+    assert keys[0] == keys[1] == keys[2]
