@@ -10,13 +10,19 @@ photo (12,288 numbers) into a code of 128; the decoder rebuilds the photo from t
 The code is 96x smaller than the photo, so the network cannot copy pixels: it has to learn what
 products have in common (a shoe's outline, a shirt's collar, a colour) and keep only what tells
 one from another. That is what makes the code useful for search: similar products get similar
-codes. It is not a generator, though: codes of real photos cover a small, irregular part of the
-latent space, and a random code decodes to noise. vae.py fixes exactly that.
+codes. What limits it: a dense code is a description, not a copy. 128 numbers can say "a white
+sneaker with a red sole, facing left", never where each stitch is, so the reconstruction is as
+sharp as the description, and a linear projection (PCA with 128 components) is the floor it must
+beat. Codes of real photos fill a small, irregular part of the space: vae.py makes that space
+something to sample from.
 
 Run:    python ae.py --epochs 50
 Writes: out/ae/ - model.pt, metrics.csv, reconstructions.png, latent_map.png, loss_curves.png,
-        search.png (photos), search_outputs.png (the same, as reconstructions), search.csv
+        search.png (photos), search_outputs.png (the same, as reconstructions), search.csv,
+        samples.png, same_products.png, summary.json
 Again:  python ae.py --figures-only   (figures and search from the saved model, no training)
+Tools:  python ae.py --query PHOTO_OR_PRODUCTID   (the products most like it)
+        python ae.py --duplicates                 (groups of listings that show the same product)
 """
 
 import argparse
@@ -200,16 +206,20 @@ def pick(metadata, index, column, value, otherwise=0):
 
 # Application, "more like this": the encoder as a search engine. The catalogue is the training
 # set; each test product is a query; neighbours are ranked by cosine similarity of their vectors.
+def unit(vectors):
+    """Rows scaled to length 1, so that a matrix product of two sets gives their cosine similarities."""
+    return vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+
 def cosine_similarity(queries, catalogue):
     """(N_queries, N_catalogue): the cosine of the angle between each query row and each catalogue row."""
-    queries = queries / queries.norm(dim=1, keepdim=True).clamp_min(1e-8)
-    catalogue = catalogue / catalogue.norm(dim=1, keepdim=True).clamp_min(1e-8)
-    return queries @ catalogue.T
+    return unit(queries) @ unit(catalogue).T
 
 
-def search(queries, catalogue, k=5):
-    """Indices (into catalogue) of the k most similar rows for each query row, best first."""
-    return cosine_similarity(queries, catalogue).topk(k, dim=1).indices  # (N_queries, k)
+def search(queries, index, k=5):
+    """Indices (into index) of the k most similar rows for each query row, best first. The index is
+    built once, with unit(), so a query costs one matrix product."""
+    return (unit(queries) @ index.T).topk(k, dim=1).indices  # (N_queries, k)
 
 
 def precision_at_k(query_labels, catalogue_labels, neighbours):
@@ -232,7 +242,7 @@ def evaluate_search(model, catalogue, args):
     to_vectors = {"latent": lambda batch: encode_all(model, batch, args), "pixels": lambda batch: (1 - batch).flatten(1)}
     results = {}
     for name, to_vector in to_vectors.items():
-        index = to_vector(images[train])
+        index = unit(to_vector(images[train]))
         k = min(5, len(train))
         neighbours = train[search(to_vector(images[test]), index, k)]  # (N_test, k) catalogue rows
         # A query as a user makes it: one photo to a vector, then the search, timed over 50 queries.
@@ -419,7 +429,7 @@ def more_like_this(model, catalogue, checkpoint, args):
     similarity = cosine_similarity(encode_all(model, query[None], args), catalogue_codes(model, catalogue, checkpoint, args))[0]
     similarity[copies] = -math.inf
     best = similarity.topk(min(args.top, int((~copies).sum()))).indices
-    print(f"products most like {args.query} ({int(copies.sum())} copies of it left out):")
+    print(f"products most like {args.query} ({int(copies.sum())} catalogue photos left out: the photo itself or its copies):")
     for rank, row in enumerate(best.tolist(), 1):
         product_id, product_type, colour, title = describe(metadata, row, "ProductId", "ProductType", "Colour",
                                                            "ProductTitle")
@@ -478,7 +488,7 @@ def parse_args(argv=None):
     parser.add_argument("--figures-only", action="store_true", help="load the checkpoint, redraw, no training")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from the checkpoint")
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="the model --figures-only, --resume or a tool loads (default: OUT/model.pt)")
+                        help="the model --figures-only, --resume or a tool loads; if not given, OUT/model.pt")
     # tools for a shop, on a trained model
     parser.add_argument("--query", default=None, help="a photo file or a ProductId: print the products most like it")
     parser.add_argument("--top", type=int, default=5, help="how many products --query lists")

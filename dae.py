@@ -2,29 +2,32 @@
 
 Corrupt the input, ask for the clean image back:
 
-    noisy   = add_noise(x)              gaussian, salt-and-pepper or occlusion, fresh every batch
-    encoder:  noisy  ->  code           (an 8x8 grid of --latent-dim channels)
-    decoder:  code   ->  x_hat in [0, 1]
+    noisy   = add_noise(x)              gaussian, salt-and-pepper, occlusion or jpeg, fresh every batch
+    encoder:  noisy  ->  code           (a grid of --latent-dim channels, a quarter of the photo's size)
+    decoder:  code (+ a skip)  ->  r    (the noise it sees)
+    output:   x_hat = noisy - r, clamped to [0, 1]
     loss:     sum over pixels of (x_hat - x)^2, against the CLEAN image x, averaged over the batch
 
 A plain autoencoder could learn to copy pixels; a DAE cannot, because the pixels it sees are
 wrong. To undo the noise it must know what products look like: edges are straight, a shirt is one
 colour, backgrounds are white.
 
-The lesson of this script is the shape of the code. ae.py squeezes the photo into one dense
-vector of 128 numbers: good for search, but it forgets the fine detail, and a blurry output can
-score worse than the noisy photo it was given. Denoising needs the detail
-kept and only the noise removed, so this model is fully convolutional: every layer is a
-convolution, and the code is an 8x8 grid that still knows *where* things are. Each output pixel
-depends on a small neighbourhood of the input, the way a photo filter works, but the filter is
-learned. BatchNorm is there for a reason too: it keeps every layer's outputs spread out, so the
-net does not settle early on drawing an all-white image, a cheap way to be nearly right on photos
-that are mostly white.
+The lesson of this script is where the detail goes. ae.py squeezes the photo into one dense
+vector: good for search, but the detail is gone, and a denoiser built that way redraws the photo
+from a description. The first version of this script kept an 8x8x32 grid as its only path and
+reached 26.0 dB at gaussian noise 0.1, 1.4 dB above Pillow's median filter. Three changes let
+the detail through instead of redrawing it: the net predicts the noise and subtracts it (Zhang et
+al. 2017, DnCNN), so a clean photo only has to pass unchanged; a skip connection hands the fine
+detail straight to the output (Mao et al. 2016, RED-Net), while the coarse code decides what is
+noise; and it works on a pixel-unshuffled copy (FFDNet): 2x2 blocks of pixels become 12 channels,
+nothing is lost and no layer runs at full resolution, where a CPU spends its time. The README's
+table has what that reached.
 
-Run:    python dae.py --epochs 50                     (--noise occlusion --noise-strength 0.2, ...)
-Writes: out/dae/ - model.pt, metrics.csv, denoising.csv, loss_curves.png,
-        denoising_<kind>.png (photos), denoised_<kind>.png (the DAE's outputs alone)
+Run:    python dae.py --epochs 50                     (--noise jpeg --noise-strength 0.4, ...)
+Writes: out/dae/ - model.pt, metrics.csv, denoising.csv, loss_curves.png, same_products.png,
+        summary.json, denoising_<kind>.png (photos), denoised_<kind>.png (the DAE's outputs alone)
 Again:  python dae.py --figures-only   (the table and figures from the saved model, no training)
+Clean:  python dae.py --clean PHOTO [PHOTO ...]   (your own photos, at their own size)
 """
 
 import argparse
@@ -459,7 +462,7 @@ def parse_args(argv=None):
     parser.add_argument("--figures-only", action="store_true", help="load the checkpoint, redraw, no training")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from the checkpoint")
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="the model --figures-only, --resume or --clean loads (default: OUT/model.pt)")
+                        help="the model --figures-only, --resume or --clean loads; if not given, OUT/model.pt")
     # a tool for a shop, on a trained model
     parser.add_argument("--clean", nargs="+", default=None, metavar="PHOTO",
                         help="denoise these photo files at their own size into OUT/<name>_clean.png")

@@ -23,7 +23,8 @@ N(0, I), which the sharper model's codes no longer fill.
 
 Run:    python vae.py --epochs 50
 Writes: out/vae/ - model.pt, metrics.csv, reconstructions.png, samples.png, samples_by_epoch.png,
-        interpolations.png, latent_map.png, loss_curves.png, attribute_edit.png, catalogue_qa.png
+        interpolations.png, latent_map.png, loss_curves.png, attribute_edit.png, catalogue_qa.png,
+        same_products.png, summary.json
 Again:  python vae.py --figures-only --num-samples 16   (figures, plus 16 new products in samples/)
 Resume: python vae.py --resume                          (an interrupted run goes on where it stopped)
 """
@@ -462,7 +463,7 @@ def parse_args(argv=None):
     parser.add_argument("--figures-only", action="store_true", help="load the checkpoint, redraw, no training")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from the checkpoint")
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="the model --figures-only or --resume loads (default: OUT/model.pt)")
+                        help="the model --figures-only or --resume loads; if not given, OUT/model.pt")
     parser.add_argument("--num-samples", type=int, default=0, help="also write N new products to OUT/samples/")
     args = parser.parse_args(argv)
     for flag in ("epochs", "batch_size", "latent_dim"):

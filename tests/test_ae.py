@@ -57,7 +57,7 @@ def test_search_ranks_an_exact_duplicate_first():
     torch.manual_seed(0)
     catalogue = torch.randn(50, 16)
     queries = torch.cat([catalogue[[7]] * 3, catalogue[[30]]])  # scale does not matter to cosine
-    neighbours = ae.search(queries, catalogue, k=5)
+    neighbours = ae.search(queries, ae.unit(catalogue), k=5)
     assert neighbours.shape == (2, 5) and neighbours[:, 0].tolist() == [7, 30]
 
 
@@ -106,7 +106,7 @@ def test_a_query_never_returns_itself_or_its_copies(trained_with_copies, tiny_ca
     photo.write_bytes(next(tiny_catalogue.rglob("101.jpg")).read_bytes())  # a user's copy of product 101
     ae.main([*trained_with_copies, "--query", str(photo), "--top", "3"])
     from_file = capsys.readouterr().out
-    assert "2 copies of it left out" in from_file and (tmp_path / "out" / "query_my photo.png").is_file()
+    assert "2 catalogue photos left out: the photo itself or its copies" in from_file and (tmp_path / "out" / "query_my photo.png").is_file()
     listed = [line.split()[1] for line in from_file.splitlines() if line.strip()[:3] in ("1. ", "2. ", "3. ")]
     assert len(listed) == 3 and not {"101", "901"} & set(listed)
     ae.main([*trained_with_copies, "--query", "101", "--top", "3"])  # the catalogue's own product: the same answer
