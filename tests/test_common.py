@@ -10,7 +10,9 @@ from PIL import Image, ImageDraw, ImageFilter
 import common
 from conftest import CSV_HEADER
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "fashion-images"
+# The real dataset: unzipped into data/, or (for this repo's own CI) the copy beside the repo.
+CANDIDATES = [common.DEFAULT_DATA, Path(__file__).resolve().parents[2] / "shared" / "fashion-images"]
+DATASET = next((folder for folder in CANDIDATES if next(folder.rglob("*.jpg"), None)), None)
 
 
 def product_photo(width=180, height=240, colour=(200, 30, 30), box=(0.25, 0.3, 0.75, 0.7), shadow=True):
@@ -151,9 +153,9 @@ def test_full_size_photo_and_its_reduced_copy_are_framed_the_same(tmp_path):
     assert psnr(full, reduced) > 30
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/fashion-images")
+@pytest.mark.skipif(DATASET is None, reason="needs the dataset unzipped into data/")
 def test_real_photos_upscaled_to_full_size_are_framed_the_same(tmp_path):
-    for index, path in enumerate(sorted(SHARED.rglob("*.jpg"))[::600]):
+    for index, path in enumerate(sorted(DATASET.rglob("*.jpg"))[::600]):
         photo = Image.open(path).convert("RGB")
         photo.save(tmp_path / f"{index}-reduced.jpg", quality=95)
         photo.resize((photo.width * 10, photo.height * 10), Image.Resampling.BICUBIC).save(
