@@ -239,7 +239,8 @@ def evaluate_search(model, catalogue, args):
     labelled = [column for column in ("ProductType", "Colour") if (metadata[column] != "").any()]
     if not labelled:
         print("note: no ProductType or Colour labels (no fashion.csv?), so no precision@5")
-    to_vectors = {"latent": lambda batch: encode_all(model, batch, args), "pixels": lambda batch: (1 - batch).flatten(1)}
+    to_vectors = {"latent": lambda batch: encode_all(model, batch, args),
+                  "pixels": lambda batch: (1 - batch).flatten(1)}
     results = {}
     for name, to_vector in to_vectors.items():
         index = unit(to_vector(images[train]))
@@ -263,9 +264,10 @@ def evaluate_search(model, catalogue, args):
         print(f"  {name:6s}: precision@5 {precisions or '-'} | index {result['index_mb']:.1f} MB, "
               f"{result['ms_per_query']:.2f} ms per query (encode + search)")
     with open(args.out / "search.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["vectors", *[key for key in results["latent"] if key != "neighbours"]])
+        columns = [key for key in results["latent"] if key != "neighbours"]
+        writer = csv.DictWriter(handle, fieldnames=["vectors", *columns])
         writer.writeheader()
-        writer.writerows({"vectors": name, **{k: v for k, v in r.items() if k != "neighbours"}} for name, r in results.items())
+        writer.writerows({"vectors": name, **{key: result[key] for key in columns}} for name, result in results.items())
     return results
 
 
@@ -426,10 +428,12 @@ def more_like_this(model, catalogue, checkpoint, args):
     # query, and every photo of their near-copy groups, are left out.
     error = ((thumbnails(query[None]) - thumbnails(images)) ** 2).mean(1)  # (N,)
     copies = torch.isin(catalogue.groups, catalogue.groups[error < 10 ** (-NEAR_COPY_PSNR / 10)])
-    similarity = cosine_similarity(encode_all(model, query[None], args), catalogue_codes(model, catalogue, checkpoint, args))[0]
+    codes = catalogue_codes(model, catalogue, checkpoint, args)
+    similarity = cosine_similarity(encode_all(model, query[None], args), codes)[0]
     similarity[copies] = -math.inf
     best = similarity.topk(min(args.top, int((~copies).sum()))).indices
-    print(f"products most like {args.query} ({int(copies.sum())} catalogue photos left out: the photo itself or its copies):")
+    print(f"products most like {args.query} "
+          f"({int(copies.sum())} catalogue photos left out: the photo itself or its copies):")
     for rank, row in enumerate(best.tolist(), 1):
         product_id, product_type, colour, title = describe(metadata, row, "ProductId", "ProductType", "Colour",
                                                            "ProductTitle")
@@ -501,7 +505,8 @@ def parse_args(argv=None):
     if not args.lr > 0:
         parser.error("--lr must be positive")
     if args.checkpoint and not (args.figures_only or args.resume or args.query or args.duplicates):
-        parser.error("--checkpoint names the model to load with --figures-only or --resume; training writes OUT/model.pt")
+        parser.error("--checkpoint names the model to load with --figures-only or --resume; "
+                     "training writes OUT/model.pt")
     if args.top < 1 or (args.duplicates is not None and not -1 <= args.duplicates <= 1):
         parser.error("--top must be at least 1, and --duplicates a cosine similarity between -1 and 1")
     return args
@@ -515,7 +520,8 @@ def main(argv=None):
     args = parse_args(argv)
     defaults = vars(parse_args([]))  # the command that reruns this: the flags that differ from the defaults
     print("ae.py", *[f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-                        for k, v in vars(args).items() if v != defaults[k] and k != "data"], "--data", data_folder(args.data))
+                        for k, v in vars(args).items() if v != defaults[k] and k != "data"],
+          "--data", data_folder(args.data))
     checkpoint, state = args.checkpoint or args.out / "model.pt", None
     tool = args.query is not None or args.duplicates is not None
     if args.figures_only or args.resume or tool:  # checked before the photos are loaded, so a wrong file fails at once
@@ -529,7 +535,8 @@ def main(argv=None):
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
     print(f"{len(train_images)} training and {len(test_images)} test products, {args.image_size} px")
     # What the model is trained on is saved with it, so that a model and photos that do not belong together show.
-    args.catalogue = {"folder": str(catalogue.folder), "synthetic": catalogue.synthetic, "photos": len(catalogue.images)}
+    args.catalogue = {"folder": str(catalogue.folder), "synthetic": catalogue.synthetic,
+                      "photos": len(catalogue.images)}
     trained_on = state["args"].get("catalogue") if state else None
     if trained_on and trained_on["synthetic"] != catalogue.synthetic:
         kind = {True: "the synthetic catalogue", False: "real photos"}
@@ -593,8 +600,9 @@ def main(argv=None):
     eps = torch.randn(1000, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
     with torch.no_grad():
         samples = model.eval().decode((train_codes.mean(0) + eps @ torch.linalg.cholesky(covariance).T).to(args.device))
-    show_rows(list(samples[:20].cpu().split(10)), ["fitted", "fitted"], "Codes drawn from a Gaussian fitted to the "
-              "training codes, decoded" + (" [SYNTHETIC catalogue]" if catalogue.synthetic else ""), args.out / "samples.png")
+    title = "Codes drawn from a Gaussian fitted to the training codes, decoded"
+    show_rows(list(samples[:20].cpu().split(10)), ["fitted", "fitted"],
+              title + (" [SYNTHETIC catalogue]" if catalogue.synthetic else ""), args.out / "samples.png")
     write_summary(model, catalogue, history, codes, samples.float().cpu(), args)
     final = run_epoch(model, test_images, args)
     print(f"test: reconstruction {final['loss']:.1f} per image, PSNR {final['psnr']:.2f} dB; figures in {args.out}/"

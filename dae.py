@@ -473,13 +473,15 @@ def parse_args(argv=None):
     if not args.lr > 0:
         parser.error("--lr must be positive")
     if args.checkpoint and not (args.figures_only or args.resume or args.clean):
-        parser.error("--checkpoint names the model to load with --figures-only or --resume; training writes OUT/model.pt")
+        parser.error("--checkpoint names the model to load with --figures-only or --resume; "
+                     "training writes OUT/model.pt")
     if not 0 < args.noise_strength < 1:
         parser.error("--noise-strength must be between 0 and 1")
     return args
 
 
-MODEL_FLAGS = ("latent_dim", "image_size", "noise", "noise_strength")  # what the model is: always taken from a checkpoint
+# What the model is: always taken from a checkpoint.
+MODEL_FLAGS = ("latent_dim", "image_size", "noise", "noise_strength")
 TRAINING_FLAGS = ("epochs", "batch_size", "lr", "seed")  # how it was trained: taken from it by --resume
 
 
@@ -487,9 +489,10 @@ def main(argv=None):
     args = parse_args(argv)
     defaults = vars(parse_args([]))  # the command that reruns this: the flags that differ from the defaults
     print("dae.py", *[f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-                        for k, v in vars(args).items() if v != defaults[k] and k != "data"], "--data", data_folder(args.data))
+                        for k, v in vars(args).items() if v != defaults[k] and k != "data"],
+          "--data", data_folder(args.data))
     checkpoint, state = args.checkpoint or args.out / "model.pt", None
-    if args.figures_only or args.resume or args.clean:  # checked before the photos are loaded: a wrong file fails at once
+    if args.figures_only or args.resume or args.clean:  # checked before the photos load: a wrong file fails at once
         state = load_checkpoint(checkpoint, args, MODEL_FLAGS + (TRAINING_FLAGS if args.resume else ()))
     torch.manual_seed(args.seed)
     args.device = select_device(args.device)
@@ -503,7 +506,8 @@ def main(argv=None):
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
     print(f"{len(train_images)} training and {len(test_images)} test products, {args.image_size} px")
     # What the model is trained on is saved with it, so that a model and photos that do not belong together show.
-    args.catalogue = {"folder": str(catalogue.folder), "synthetic": catalogue.synthetic, "photos": len(catalogue.images)}
+    args.catalogue = {"folder": str(catalogue.folder), "synthetic": catalogue.synthetic,
+                      "photos": len(catalogue.images)}
     trained_on = state["args"].get("catalogue") if state else None
     if trained_on and trained_on["synthetic"] != catalogue.synthetic:
         kind = {True: "the synthetic catalogue", False: "real photos"}

@@ -472,7 +472,8 @@ def parse_args(argv=None):
     if not args.lr > 0:
         parser.error("--lr must be positive")
     if args.checkpoint and not (args.figures_only or args.resume):
-        parser.error("--checkpoint names the model to load with --figures-only or --resume; training writes OUT/model.pt")
+        parser.error("--checkpoint names the model to load with --figures-only or --resume; "
+                     "training writes OUT/model.pt")
     if args.beta < 0 or args.num_samples < 0:
         parser.error("--beta and --num-samples cannot be negative")
     return args
@@ -486,7 +487,8 @@ def main(argv=None):
     args = parse_args(argv)
     defaults = vars(parse_args([]))  # the command that reruns this: the flags that differ from the defaults
     print("vae.py", *[f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-                        for k, v in vars(args).items() if v != defaults[k] and k != "data"], "--data", data_folder(args.data))
+                        for k, v in vars(args).items() if v != defaults[k] and k != "data"],
+          "--data", data_folder(args.data))
     checkpoint, state = args.checkpoint or args.out / "model.pt", None
     if args.figures_only or args.resume:  # checked before the photos are loaded, so a wrong file fails at once
         state = load_checkpoint(checkpoint, args, MODEL_FLAGS + (TRAINING_FLAGS if args.resume else ()))
@@ -509,7 +511,8 @@ def main(argv=None):
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
     print(f"{len(train_images)} training and {len(test_images)} test products, {args.image_size} px")
     # What the model is trained on is saved with it, so that a model and photos that do not belong together show.
-    args.catalogue = {"folder": str(catalogue.folder), "synthetic": catalogue.synthetic, "photos": len(catalogue.images)}
+    args.catalogue = {"folder": str(catalogue.folder), "synthetic": catalogue.synthetic,
+                      "photos": len(catalogue.images)}
     trained_on = state["args"].get("catalogue") if state else None
     if trained_on and trained_on["synthetic"] != catalogue.synthetic:
         kind = {True: "the synthetic catalogue", False: "real photos"}
