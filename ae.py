@@ -179,10 +179,12 @@ def show_rows(rows, labels, title, path, columns_titles=None):
     import matplotlib.pyplot as plt  # imported here: only figure code needs it
 
     columns = max(len(row) for row in rows)
-    figure, axes = plt.subplots(len(rows), columns, figsize=(1.1 * columns, 1.15 * len(rows) + 0.4), squeeze=False)
+    width = max(1.1 * columns, 0.075 * len(title))  # wide enough for the title
+    figure, axes = plt.subplots(len(rows), columns, figsize=(width, 1.15 * len(rows) + 0.4), squeeze=False)
     for r, (row, label) in enumerate(zip(rows, labels)):
         for c, axis in enumerate(axes[r]):
-            axis.set_xticks([]), axis.set_yticks([])
+            axis.set_xticks([])
+            axis.set_yticks([])
             for spine in axis.spines.values():
                 spine.set_visible(False)
             if c < len(row):
@@ -279,7 +281,10 @@ def make_figures(model, catalogue, history, search_results, args):
 
     model.eval()
     out, images, metadata, test = args.out, catalogue.images, catalogue.metadata, catalogue.test_index
-    reconstruct = lambda index: model(images[index].to(args.device)).float().cpu()
+
+    def reconstruct(index):
+        return model(images[index].to(args.device)).float().cpu()
+
     # Fixed test products, spread over the (sorted) test set: the same ones every run.
     shown = test[torch.linspace(0, len(test) - 1, 10).long()]
     show_rows([images[shown], reconstruct(shown)], ["original", "AE"], "Test products and their reconstructions" + tag,
@@ -296,13 +301,18 @@ def make_figures(model, catalogue, history, search_results, args):
             axis.scatter(xy[mask, 0], xy[mask, 1], s=8, label=value or "(none)")
         axis.set(title=f"Test codes (PCA), by {column}", xlabel="PC 1", ylabel="PC 2")
         axis.legend(fontsize=8)
-    figure.tight_layout(), figure.savefig(out / "latent_map.png", dpi=100), plt.close(figure)
+    figure.tight_layout()
+    figure.savefig(out / "latent_map.png", dpi=100)
+    plt.close(figure)
     if history:
         figure, axis = plt.subplots(figsize=(5, 3.5))
         axis.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], label="train")
         axis.plot([h["epoch"] for h in history], [h["test_loss"] for h in history], label="test")
-        axis.set(title="reconstruction loss per image", xlabel="epoch", yscale="log"), axis.legend()
-        figure.tight_layout(), figure.savefig(out / "loss_curves.png", dpi=100), plt.close(figure)
+        axis.set(title="reconstruction loss per image", xlabel="epoch", yscale="log")
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(out / "loss_curves.png", dpi=100)
+        plt.close(figure)
     # "More like this": queries of different types, each followed by its 5 nearest catalogue products.
     queries = list(dict.fromkeys(pick(metadata, test, "ProductType", t, n) for n, t in
                                  enumerate(["Tshirts", "Heels", "Sports Shoes", "Dresses", "Flip Flops", "Shorts"])))

@@ -232,10 +232,12 @@ def show_rows(rows, labels, title, path, columns_titles=None):
     import matplotlib.pyplot as plt  # imported here: only figure code needs it
 
     columns = max(len(row) for row in rows)
-    figure, axes = plt.subplots(len(rows), columns, figsize=(1.1 * columns, 1.15 * len(rows) + 0.4), squeeze=False)
+    width = max(1.1 * columns, 0.075 * len(title))  # wide enough for the title
+    figure, axes = plt.subplots(len(rows), columns, figsize=(width, 1.15 * len(rows) + 0.4), squeeze=False)
     for r, (row, label) in enumerate(zip(rows, labels)):
         for c, axis in enumerate(axes[r]):
-            axis.set_xticks([]), axis.set_yticks([])
+            axis.set_xticks([])
+            axis.set_yticks([])
             for spine in axis.spines.values():
                 spine.set_visible(False)
             if c < len(row):
@@ -355,11 +357,15 @@ def make_figures(model, catalogue, history, outputs, args):
         figure, axes = plt.subplots(1, 2, figsize=(10, 3.5))
         axes[0].plot([h["epoch"] for h in history], [h["train_loss"] for h in history], label="train")
         axes[0].plot([h["epoch"] for h in history], [h["test_loss"] for h in history], label="test")
-        axes[0].set(title="loss per image (output vs clean)", xlabel="epoch", yscale="log"), axes[0].legend()
+        axes[0].set(title="loss per image (output vs clean)", xlabel="epoch", yscale="log")
+        axes[0].legend()
         axes[1].plot([h["epoch"] for h in history], [h["test_psnr_noisy"] for h in history], label="noisy input")
         axes[1].plot([h["epoch"] for h in history], [h["test_psnr"] for h in history], label="DAE output")
-        axes[1].set(title="test PSNR (dB)", xlabel="epoch"), axes[1].legend()
-        figure.tight_layout(), figure.savefig(out / "loss_curves.png", dpi=100), plt.close(figure)
+        axes[1].set(title="test PSNR (dB)", xlabel="epoch")
+        axes[1].legend()
+        figure.tight_layout()
+        figure.savefig(out / "loss_curves.png", dpi=100)
+        plt.close(figure)
 
 
 # ----------------------------------------------------------------------------- the three models on the same axes

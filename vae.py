@@ -234,10 +234,12 @@ def show_rows(rows, labels, title, path, columns_titles=None):
     import matplotlib.pyplot as plt  # imported here: only figure code needs it
 
     columns = max(len(row) for row in rows)
-    figure, axes = plt.subplots(len(rows), columns, figsize=(1.1 * columns, 1.15 * len(rows) + 0.4), squeeze=False)
+    width = max(1.1 * columns, 0.075 * len(title))  # wide enough for the title
+    figure, axes = plt.subplots(len(rows), columns, figsize=(width, 1.15 * len(rows) + 0.4), squeeze=False)
     for r, (row, label) in enumerate(zip(rows, labels)):
         for c, axis in enumerate(axes[r]):
-            axis.set_xticks([]), axis.set_yticks([])
+            axis.set_xticks([])
+            axis.set_yticks([])
             for spine in axis.spines.values():
                 spine.set_visible(False)
             if c < len(row):
