@@ -228,24 +228,28 @@ def save_metrics(path, rows, append):
 
 # ----------------------------------------------------------------------------- figures and applications
 def show_rows(rows, labels, title, path, columns_titles=None):
-    """Save a titled grid of images: rows is a list of (n, 3, S, S) tensors, one per labelled row."""
+    """Save a titled grid of images: rows is a list of (n, 3, S, S) tensors, one per labelled row.
+    The images are pasted into one picture, drawn once: much faster than one plot per image."""
     import matplotlib.pyplot as plt  # imported here: only figure code needs it
 
-    columns = max(len(row) for row in rows)
+    size, gap, columns = rows[0].shape[-1], 2, max(len(row) for row in rows)
+    step = size + gap
+    grid = torch.ones(3, len(rows) * step - gap, columns * step - gap)  # white between the images
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid[:, r * step:r * step + size, c * step:c * step + size] = image.clamp(0, 1).cpu()
     width = max(1.1 * columns, 0.075 * len(title))  # wide enough for the title
-    figure, axes = plt.subplots(len(rows), columns, figsize=(width, 1.15 * len(rows) + 0.4), squeeze=False)
-    for r, (row, label) in enumerate(zip(rows, labels)):
-        for c, axis in enumerate(axes[r]):
-            axis.set_xticks([])
-            axis.set_yticks([])
-            for spine in axis.spines.values():
-                spine.set_visible(False)
-            if c < len(row):
-                axis.imshow(row[c].permute(1, 2, 0).clamp(0, 1).cpu().numpy())
-            if c == 0:
-                axis.set_ylabel(label, fontsize=8)
-            if r == 0 and columns_titles:
-                axis.set_title(columns_titles[c], fontsize=7)
+    figure, axis = plt.subplots(figsize=(width, 1.15 * len(rows) + 0.4))
+    axis.imshow(grid.permute(1, 2, 0).numpy())
+    axis.set_yticks([r * step + size / 2 for r in range(len(rows))], labels, fontsize=8)
+    if columns_titles:
+        axis.set_xticks([c * step + size / 2 for c in range(columns)], columns_titles[:columns], fontsize=7)
+    else:
+        axis.set_xticks([])
+    axis.xaxis.tick_top()
+    axis.tick_params(length=0)
+    for spine in axis.spines.values():
+        spine.set_visible(False)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
