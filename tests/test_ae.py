@@ -53,6 +53,26 @@ def test_run_epoch_returns_per_image_means_also_when_the_last_batch_is_smaller()
     assert result["psnr"] == pytest.approx(per_image_mean(lambda x: -10 * math.log10(((x - 0.5) ** 2).mean()), images))
 
 
+def test_training_sees_each_photo_as_it_is_or_mirrored_about_half_of_each():
+    class Recorder(torch.nn.Module):  # returns its input, and keeps every batch it was shown
+        def __init__(self):
+            super().__init__()
+            self.weight, self.seen = torch.nn.Parameter(torch.zeros(())), []
+
+        def forward(self, images):
+            self.seen.append(images.detach().clone())
+            return images + self.weight
+
+    images = torch.rand(200, 3, 8, 8)
+    model = Recorder()
+    ae.run_epoch(model, images, epoch_args(), torch.optim.SGD(model.parameters(), lr=0.0), torch.Generator().manual_seed(0))
+    seen = torch.cat(model.seen)
+    as_is = (seen[:, None] == images[None]).flatten(2).all(2).any(1)  # (200,): equal to some photo
+    mirrored = (seen[:, None] == images.flip(3)[None]).flatten(2).all(2).any(1)
+    assert bool((as_is ^ mirrored).all())  # each one either, never neither
+    assert 70 < int(mirrored.sum()) < 130  # about half mirrored (binomial(200, 1/2): 30 is 4 sd)
+
+
 def test_search_ranks_an_exact_duplicate_first():
     torch.manual_seed(0)
     catalogue = torch.randn(50, 16)
@@ -122,7 +142,9 @@ def test_a_query_of_a_missing_file_or_unknown_product_is_a_one_line_error(traine
 
 
 def test_the_duplicate_finder_finds_the_planted_copies(trained_with_copies, tmp_path):
-    ae.main([*trained_with_copies, "--duplicates", "0.9999"])
+    # Identical photos get identical codes (cosine 1); a model trained for one epoch puts some
+    # different drawings above 0.9999, so the threshold asks for five nines.
+    ae.main([*trained_with_copies, "--duplicates", "0.99999"])
     with open(tmp_path / "out" / "duplicates.csv") as handle:
         rows = list(csv.DictReader(handle))
     groups = {}
