@@ -48,11 +48,8 @@ class Autoencoder(nn.Module):
     makes the code; the decoder mirrors them. Its transposed convolutions have kernel 4 and stride 2:
     a kernel the stride divides covers every output pixel equally often, while a 3x3 kernel with
     stride 2 covers alternate pixels once and twice and paints a checkerboard over every image
-    (Odena et al. 2016, "Deconvolution and Checkerboard Artifacts"). The first convolution, on the
-    photo itself, has kernel 4 too: PyTorch's CPU convolutions compute the weight gradient of a 3x3,
-    stride-2 kernel on 3 colour channels ~5x slower (measured: 19 ms against 3.5 ms a batch), and
-    that one layer was a quarter of each epoch. Kept small for a 2-core CPU: 16 to 64 channels,
-    and an 8x8 grid (not 4x4) so the linear layer sees where things are.
+    (Odena et al. 2016, "Deconvolution and Checkerboard Artifacts"). Kept small for a 2-core CPU:
+    16 to 64 channels, and an 8x8 grid (not 4x4) so the linear layer sees where things are.
     """
 
     def __init__(self, image_size=64, latent_dim=128, channels=(16, 32, 64)):
@@ -62,9 +59,7 @@ class Autoencoder(nn.Module):
         self.feature_shape = (channels[-1], image_size // 8, image_size // 8)  # (64, S/8, S/8)
         encoder, previous = [], 3
         for width in channels:  # each block: (B, previous, s, s) -> (B, width, s/2, s/2)
-            kernel = 4 if previous == 3 else 3  # on the photo, 4x4: see the class docstring
-            encoder += [nn.Conv2d(previous, width, kernel, stride=2, padding=1), nn.BatchNorm2d(width),
-                        nn.LeakyReLU(0.2)]
+            encoder += [nn.Conv2d(previous, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.LeakyReLU(0.2)]
             previous = width
         self.encoder = nn.Sequential(*encoder, nn.Flatten())
         features = math.prod(self.feature_shape)
