@@ -389,13 +389,13 @@ def precision_at_5(codes, catalogue, column):
     return float((labels[neighbours.numpy()] == labels[test.numpy(), None]).mean())
 
 
-def linear_probe(train_codes, train_labels, test_codes, test_labels, steps=100):
+def linear_probe(train_codes, train_labels, test_codes, test_labels, steps=300):
     """Test accuracy of a logistic regression trained on the training codes: how much of a label a
     straight line can read off the code. Codes are standardised so every dimension counts alike."""
     classes = sorted(set(train_labels))
     mean, scale = train_codes.mean(0), train_codes.std(0).clamp_min(1e-6)
     layer = nn.Linear(train_codes.shape[1], len(classes))
-    optimizer = torch.optim.Adam(layer.parameters(), lr=0.03, weight_decay=1e-4)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.01, weight_decay=1e-4)
     targets = torch.tensor([classes.index(label) for label in train_labels])
     with torch.enable_grad():
         for _ in range(steps):
