@@ -126,8 +126,8 @@ def run_epoch(model, images, args, optimizer=None, generator=None):
 def encode_all(model, images, args):
     """Latent codes of a set of images, in batches: (N, latent)."""
     model.eval()
-    codes = [model.encode(images[start:start + args.batch_size].to(args.device, memory_format=torch.channels_last))
-             for start in range(0, len(images), args.batch_size)]
+    batches = (images[start:start + args.batch_size] for start in range(0, len(images), args.batch_size))
+    codes = [model.encode(batch.to(args.device, memory_format=torch.channels_last)) for batch in batches]
     return torch.cat(codes).float().cpu()
 
 
@@ -546,14 +546,14 @@ def main(argv=None):
         state = load_checkpoint(checkpoint, args, MODEL_FLAGS + (TRAINING_FLAGS if args.resume else ()))
     torch.manual_seed(args.seed)
     # Numbers below ~1e-38 ("denormals") take a slow path in x86 CPUs, and a well-trained model's
-    # gradients hold many of them; flushed to zero they change nothing visible (VAE: ~15 % per epoch).
+    # gradients hold many of them; flushed to zero they change nothing visible (vae.py: ~15 % an epoch).
     torch.set_flush_denormal(True)
     args.device = select_device(args.device)
     model = Autoencoder(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)
     if state:
         model.load_state_dict(state["state_dict"])
     catalogue = load_catalogue(args.data, args.image_size)
-    # channels_last: each pixel's 3 colours side by side in memory, the layout the CPU's convolutions read fastest
+    # channels_last: each pixel's 3 colours side by side in memory, as the CPU's convolutions read them
     train_images, test_images = (catalogue.images[index].contiguous(memory_format=torch.channels_last)
                                  for index in (catalogue.train_index, catalogue.test_index))
     print(f"{len(train_images)} training and {len(test_images)} test products, {args.image_size} px")
@@ -580,7 +580,8 @@ def main(argv=None):
 
     history = state["history"] if state else []
     if not args.figures_only:
-        # Adam with a shorter memory of squared gradients (0.99, not 0.999) adapts its steps faster: +0.1 dB here.
+        # Adam with a shorter memory of squared gradients (0.99, not 0.999) adapts its steps faster:
+        # +0.1 to 0.2 dB here (3 seeds each).
         # fused: one kernel updates every weight at once, ~10 % less time per epoch on a 2-core CPU.
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99), fused=True)
         # Cosine decay of the learning rate: big steps early, small ones to settle at the end.

@@ -506,7 +506,7 @@ def main(argv=None):
         state = load_checkpoint(checkpoint, args, MODEL_FLAGS + (TRAINING_FLAGS if args.resume else ()))
     torch.manual_seed(args.seed)
     # Numbers below ~1e-38 ("denormals") take a slow path in x86 CPUs, and a well-trained model's
-    # gradients hold many of them; flushed to zero they change nothing visible (VAE: ~15 % per epoch).
+    # gradients hold many of them; flushed to zero they change nothing visible (vae.py: ~15 % an epoch).
     torch.set_flush_denormal(True)
     args.device = select_device(args.device)
     model = DenoisingAutoencoder(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)

@@ -150,8 +150,8 @@ def run_epoch(model, images, args, optimizer=None, generator=None):
 def encode_all(model, images, args):
     """Latent means mu of a set of images, in batches: (N, latent)."""
     model.eval()
-    means = [model.encode(images[start:start + args.batch_size].to(args.device, memory_format=torch.channels_last))[0]
-             for start in range(0, len(images), args.batch_size)]
+    batches = (images[start:start + args.batch_size] for start in range(0, len(images), args.batch_size))
+    means = [model.encode(batch.to(args.device, memory_format=torch.channels_last))[0] for batch in batches]
     return torch.cat(means).float().cpu()
 
 
@@ -163,7 +163,8 @@ def negative_elbo_per_image(model, images, args):
     for start in range(0, len(images), args.batch_size):
         batch = images[start:start + args.batch_size].to(args.device, memory_format=torch.channels_last)
         recon, mu, logvar = model(batch)
-        losses += [vae_loss(recon[[i]], batch[[i]], mu[[i]], logvar[[i]], args.beta)["loss"] for i in range(len(batch))]
+        for i in range(len(batch)):
+            losses.append(vae_loss(recon[[i]], batch[[i]], mu[[i]], logvar[[i]], args.beta)["loss"])
     return torch.stack(losses).cpu()
 
 
@@ -320,10 +321,12 @@ def make_figures(model, catalogue, codes, history, samples_by_epoch, code_distri
     prior = torch.randn(20, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
     fitted = sample_codes(code_distribution, 20, torch.Generator().manual_seed(args.seed))
     show_rows([*decode(prior).split(10), *decode(fitted).split(10)], ["prior", "prior", "fitted", "fitted"],
-              "New products: z ~ N(0, I) (prior) and z ~ Gaussian fitted to the codes (fitted)" + tag, out / "samples.png")
+              "New products: z ~ N(0, I) (prior) and z ~ Gaussian fitted to the codes (fitted)" + tag,
+              out / "samples.png")
     if samples_by_epoch:  # only training can draw this one: --figures-only redraws it from the checkpoint
         show_rows([s for _, s in samples_by_epoch], [f"epoch {e}" for e, _ in samples_by_epoch],
-                  "The same 10 latent codes z ~ N(0, I) decoded as training goes on" + tag, out / "samples_by_epoch.png")
+                  "The same 10 latent codes z ~ N(0, I) decoded as training goes on" + tag,
+                  out / "samples_by_epoch.png")
     # Interpolations: walk in a straight line between the codes of two real test products.
     pairs = [("ProductType", "Sports Shoes", "Heels"), ("ProductType", "Tshirts", "Dresses"),
              ("ProductType", "Casual Shoes", "Flip Flops"), ("ProductType", "Shorts", "Tops")]
@@ -504,7 +507,7 @@ def main(argv=None):
         state = load_checkpoint(checkpoint, args, MODEL_FLAGS + (TRAINING_FLAGS if args.resume else ()))
     torch.manual_seed(args.seed)
     # Numbers below ~1e-38 ("denormals") take a slow path in x86 CPUs, and a well-trained model's
-    # gradients hold many of them; flushed to zero they change nothing visible (VAE: ~15 % per epoch).
+    # gradients hold many of them; flushed to zero they change nothing visible (vae.py: ~15 % an epoch).
     torch.set_flush_denormal(True)
     args.device = select_device(args.device)
     model = VAE(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)
@@ -521,7 +524,7 @@ def main(argv=None):
                              f"{state['args']['epochs']}, with no code distribution yet; finish it with --resume first")
         write_samples(model, code_distribution, args.num_samples, args)
     catalogue = load_catalogue(args.data, args.image_size)
-    # channels_last: each pixel's 3 colours side by side in memory, the layout the CPU's convolutions read fastest
+    # channels_last: each pixel's 3 colours side by side in memory, as the CPU's convolutions read them
     train_images, test_images = (catalogue.images[index].contiguous(memory_format=torch.channels_last)
                                  for index in (catalogue.train_index, catalogue.test_index))
     print(f"{len(train_images)} training and {len(test_images)} test products, {args.image_size} px")

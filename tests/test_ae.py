@@ -65,7 +65,8 @@ def test_training_sees_each_photo_as_it_is_or_mirrored_about_half_of_each():
 
     images = torch.rand(200, 3, 8, 8)
     model = Recorder()
-    ae.run_epoch(model, images, epoch_args(), torch.optim.SGD(model.parameters(), lr=0.0), torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # a training pass that changes nothing
+    ae.run_epoch(model, images, epoch_args(), optimizer, torch.Generator().manual_seed(0))
     seen = torch.cat(model.seen)
     as_is = (seen[:, None] == images[None]).flatten(2).all(2).any(1)  # (200,): equal to some photo
     mirrored = (seen[:, None] == images.flip(3)[None]).flatten(2).all(2).any(1)
