@@ -97,18 +97,33 @@ def psnr(recon, images):
 
 
 # ----------------------------------------------------------------------------- training
-def run_epoch(model, images, args, optimizer=None, generator=None):
-    """One pass over `images` in batches; trains when given an optimizer. Returns the mean
-    reconstruction loss and PSNR per image: {"loss": ..., "psnr": ...}."""
+def augment(batch, generator, shift=2):
+    """The training photos as the model sees them, new at each step: each one mirrored left-right
+    with probability 1/2 and moved by up to `shift` pixels each way (its edge pixels fill the gap).
+    A mirrored or slightly moved product is still a product, and 2,615 photos are few for 1.1M
+    weights: mirrored only, 300 epochs give 25.2 dB on the training photos and 22.0 on new ones.
+    Returns a new (B, 3, S, S) tensor; `batch` is a copy and gets mirrored in place."""
+    mirrored = torch.rand(len(batch), generator=generator) < 0.5
+    batch[mirrored] = batch[mirrored].flip(3)
+    size = batch.shape[-1]
+    padded = nn.functional.pad(batch, (shift, shift, shift, shift), mode="replicate")  # (B, 3, S+2s, S+2s)
+    corners = torch.randint(0, 2 * shift + 1, (len(batch), 2), generator=generator).tolist()
+    return torch.stack([padded[i, :, y:y + size, x:x + size] for i, (y, x) in enumerate(corners)])
+
+
+def run_epoch(model, images, args, optimizer=None, generator=None, schedule=None):
+    """One pass over `images` in batches; trains when given an optimizer (and steps its learning-rate
+    schedule after each batch). Returns the mean reconstruction loss and PSNR per image:
+    {"loss": ..., "psnr": ...}."""
     training = optimizer is not None
     model.train(training)
     order = torch.randperm(len(images), generator=generator) if training else torch.arange(len(images))
     sums = torch.zeros(2)
     for start in range(0, len(images), args.batch_size):
         batch = images[order[start:start + args.batch_size]]
-        if training:  # a mirrored product is still a product: half the photos are flipped left-right
-            mirrored = torch.rand(len(batch), generator=generator) < 0.5
-            batch[mirrored] = batch[mirrored].flip(3)  # batch is a copy: the catalogue stays as it is
+        if training:
+            batch = augment(batch, generator)
+        # channels_last: each pixel's 3 colours side by side in memory, as the CPU's convolutions read them
         batch = batch.to(args.device, memory_format=torch.channels_last)
         with torch.set_grad_enabled(training), torch.autocast(args.device.type, torch.bfloat16, enabled=args.bf16):
             recon = model(batch).float()
@@ -117,6 +132,8 @@ def run_epoch(model, images, args, optimizer=None, generator=None):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
         # Each batch's means are weighted by its size, so a smaller last batch counts for what it holds.
         sums += torch.stack([loss, psnr(recon, batch).mean()]).detach().cpu() * len(batch)
     return dict(zip(["loss", "psnr"], (sums / len(images)).tolist()))
@@ -494,8 +511,8 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # training
     parser.add_argument("--epochs", type=int, default=50, help="passes over the training set")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per optimisation step")
-    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (cosine decay to 0)")
+    parser.add_argument("--batch-size", type=int, default=48, help="images per optimisation step")
+    parser.add_argument("--lr", type=float, default=4e-3, help="Adam's peak learning rate (one cycle)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the model, the batches and the figures")
     # model
     parser.add_argument("--latent-dim", type=int, default=128, help="size of the code z")
@@ -553,9 +570,7 @@ def main(argv=None):
     if state:
         model.load_state_dict(state["state_dict"])
     catalogue = load_catalogue(args.data, args.image_size)
-    # channels_last: each pixel's 3 colours side by side in memory, as the CPU's convolutions read them
-    train_images, test_images = (catalogue.images[index].contiguous(memory_format=torch.channels_last)
-                                 for index in (catalogue.train_index, catalogue.test_index))
+    train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
     print(f"{len(train_images)} training and {len(test_images)} test products, {args.image_size} px")
     # What the model is trained on is saved with it, so that a model and photos that do not belong together show.
     args.catalogue = {"folder": str(catalogue.folder), "synthetic": catalogue.synthetic,
@@ -580,12 +595,16 @@ def main(argv=None):
 
     history = state["history"] if state else []
     if not args.figures_only:
-        # Adam with a shorter memory of squared gradients (0.99, not 0.999) adapts its steps faster:
-        # +0.1 to 0.2 dB here (3 seeds each).
+        # Adam with a shorter memory of squared gradients (beta2 0.99, not 0.999) adapts its steps
+        # faster: +0.1 to 0.2 dB here (3 seeds each). Its beta1 is set by the schedule below.
         # fused: one kernel updates every weight at once, ~10 % less time per epoch on a 2-core CPU.
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99), fused=True)
-        # Cosine decay of the learning rate: big steps early, small ones to settle at the end.
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+        # One cycle, stepped after each batch: the learning rate climbs from lr/25 to --lr in the first
+        # 20 % of the steps, then falls to ~0 along a cosine, while Adam's momentum goes 0.95 -> 0.85 -> 0.95.
+        # The climb lets the peak be twice a plain cosine's: +0.4 dB in 50 epochs (GPU sweep, 2 seeds).
+        steps = math.ceil(len(train_images) / args.batch_size)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, epochs=args.epochs, steps_per_epoch=steps,
+                                                       pct_start=0.2)
         generator = torch.Generator().manual_seed(args.seed)
         if args.resume:  # everything the next epoch depends on, so it continues as if never stopped
             optimizer.load_state_dict(state["optimizer"])
@@ -597,9 +616,8 @@ def main(argv=None):
         try:
             for epoch in range(first, args.epochs + 1):
                 tick = time.time()
-                train = run_epoch(model, train_images, args, optimizer, generator)
+                train = run_epoch(model, train_images, args, optimizer, generator, schedule)
                 test = run_epoch(model, test_images, args)
-                schedule.step()
                 seconds = time.time() - tick
                 if not all(math.isfinite(value) for value in [*train.values(), *test.values()]):
                     raise SystemExit(f"error: the loss became non-finite in epoch {epoch} (try a smaller --lr); "
