@@ -83,9 +83,11 @@ def test_training_shows_augmented_photos_and_evaluation_the_photos_as_they_are()
             return images + self.weight
 
     images = torch.rand(200, 3, 8, 8)
+    catalogue = images.clone()
     model = Recorder()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # a training pass that changes nothing
     ae.run_epoch(model, images, epoch_args(), optimizer, torch.Generator().manual_seed(0))
+    assert torch.equal(images, catalogue)  # the photos are augmented in copies, never in place
     trained, model.seen = torch.cat(model.seen), []
     unchanged = (trained[:, None] == images[None]).flatten(2).all(2).any(1)
     assert int(unchanged.sum()) < 20  # 1 in 50 is neither mirrored nor moved: ~4 of 200
