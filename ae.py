@@ -124,6 +124,7 @@ def run_epoch(model, images, args, optimizer=None, generator=None, schedule=None
         if training:
             batch = augment(batch, generator)
         # channels_last: each pixel's 3 colours side by side in memory, as the CPU's convolutions read them
+        # (set here, per batch, because augment returns new tensors; vae.py stores its photos that way)
         batch = batch.to(args.device, memory_format=torch.channels_last)
         with torch.set_grad_enabled(training), torch.autocast(args.device.type, torch.bfloat16, enabled=args.bf16):
             recon = model(batch).float()
