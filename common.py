@@ -1,4 +1,5 @@
-"""The only code the three scripts share: the product-photo loader and the device selector.
+"""What the three scripts share and what teaches nothing about any one model: the product-photo
+loader, the device selector, and a run's bookkeeping (checkpoints, metrics rows, figure grids).
 
     catalogue = load_catalogue("data", image_size=64)
     catalogue.images        # (N, 3, 64, 64) float32 in [0, 1], one product per row
@@ -15,11 +16,14 @@ re-encoded). A copy of a test photo in the training set would make the test scor
 so near-identical photos are grouped and every group stays on one side of the split.
 """
 
+import csv
 import hashlib
 import math
 import os
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -294,6 +298,7 @@ def load_catalogue(data=None, image_size=64, cache_dir=None):
         raise SystemExit(f"error: --data {root}: {len(names)} readable photos ({len(np.unique(groups))} after joining "
                          f"copies) split into {len(train_index)} training and {len(test_index)} test products; a run "
                          f"needs at least {MIN_TRAIN} and {MIN_TEST}")
+    print(f"{len(train_index)} training and {len(test_index)} test products, {image_size} px")
     return Catalogue(images, metadata, train_index, test_index, torch.from_numpy(groups).long(), root.resolve(),
                      synthetic)
 
@@ -359,3 +364,290 @@ def select_device(name=None):
         raise SystemExit(f"error: --device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     print(f"device: {device}")
     return device
+
+
+# ============================================================================= a run's bookkeeping
+# The same in all three scripts and none of their lesson: the command line that reruns a run, the
+# checkpoint (saved atomically, loaded with the flags that define the model), metrics.csv, the
+# guards on --out, and the figure grids.
+def flag_name(key):
+    return "--" + key.replace("_", "-")
+
+
+def add_run_flags(parser, out, tools):
+    """The flags that say where a run reads and writes, and what it does with a saved model."""
+    parser.add_argument("--data", default=None, help="folder of photos; if not given, the repo's data/ "
+                                                        "(a synthetic catalogue if it holds none)")
+    parser.add_argument("--out", type=Path, default=out, help="where figures and model.pt go")
+    parser.add_argument("--overwrite", action="store_true", help="train over a model already in --out")
+    parser.add_argument("--device", default=None, help="cpu, cuda or mps; if not given, the best available")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (for GPUs, CPUs with AMX)")
+    parser.add_argument("--figures-only", action="store_true", help="load the checkpoint, redraw, no training")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from the checkpoint")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="the model --figures-only, --resume or a tool loads; if not given, OUT/model.pt")
+    if tools:  # ae.py and vae.py: sampling, and search on the model's codes
+        parser.add_argument("--num-samples", type=int, default=0, help="also write N new products to OUT/samples/")
+        parser.add_argument("--query", default=None, help="a photo file or a ProductId: print the products most "
+                                                          "like it")
+        parser.add_argument("--top", type=int, default=5, help="how many products --query lists")
+        parser.add_argument("--duplicates", type=float, nargs="?", const=0.99, default=None, metavar="SIMILARITY",
+                            help="list groups of products whose codes have at least this cosine similarity")
+
+
+def check_flags(parser, args):
+    """The checks every script's flags need; a bad one is a one-line error naming it."""
+    for flag in ("epochs", "batch_size", "latent_dim", "top"):
+        if getattr(args, flag, 1) < 1:
+            parser.error(f"{flag_name(flag)} must be at least 1")
+    if not args.lr > 0:
+        parser.error("--lr must be positive")
+    tools = [getattr(args, flag, None) for flag in ("query", "duplicates", "clean")]
+    if args.checkpoint and not (args.figures_only or args.resume or any(tool is not None for tool in tools)):
+        parser.error("--checkpoint names the model to load with --figures-only or --resume; "
+                     "training writes OUT/model.pt")
+    if getattr(args, "duplicates", None) is not None and not -1 <= args.duplicates <= 1:
+        parser.error("--duplicates must be a cosine similarity between -1 and 1")
+    if getattr(args, "num_samples", 0) < 0:
+        parser.error("--num-samples cannot be negative")
+    return args
+
+
+def start_run(script, args, defaults, model_flags, training_flags, load):
+    """Print the command that reruns this run, load the checkpoint when `load` (checked before the
+    photos are read, so a wrong file fails at once), seed, pick the device. Returns the checkpoint's
+    path and its contents (None when nothing was loaded)."""
+    print(script, *[flag_name(k) + ("" if v is True else f" {v}") for k, v in vars(args).items()
+                    if v != defaults[k] and k != "data"], "--data", data_folder(args.data))
+    checkpoint = args.checkpoint or args.out / "model.pt"
+    flags = model_flags + (training_flags if args.resume else ())
+    state = load_checkpoint(checkpoint, script, args, defaults, flags) if load else None
+    torch.manual_seed(args.seed)
+    # Numbers below ~1e-38 ("denormals") take a slow path in x86 CPUs, and a well-trained model's
+    # gradients hold many of them; flushed to zero they change nothing visible.
+    torch.set_flush_denormal(True)
+    args.device = select_device(args.device)
+    return checkpoint, state
+
+
+def load_checkpoint(path, script, args, defaults, flags):
+    """A saved run. The flags that define it (`flags`) are taken from it, and said so; a flag that
+    the command line sets to another value than the saved one is an error naming it."""
+    if not path.is_file():
+        raise SystemExit(f"error: --checkpoint {path}: no such file (train first: python {script})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise SystemExit(f"error: --checkpoint {path}: not a readable checkpoint ({error.__class__.__name__})")
+    if not isinstance(state, dict) or state.get("script") != script:
+        found = state.get("script", "an unknown script") if isinstance(state, dict) else "an unknown script"
+        raise SystemExit(f"error: --checkpoint {path}: saved by {found}, not by {script}")
+    restored = []
+    for flag in flags:
+        saved, given = state["args"][flag], getattr(args, flag)
+        if given != saved and given != defaults[flag]:
+            raise SystemExit(f"error: --checkpoint {path} was trained with {flag_name(flag)} {saved}, but this run "
+                             f"asks for {given}; leave {flag_name(flag)} out or pass {saved}")
+        if given != saved:
+            setattr(args, flag, saved)
+            restored.append(f"{flag_name(flag)} {saved}")
+    print(f"loaded {path} (epoch {len(state['history'])})" + (f", with {' '.join(restored)}" if restored else ""))
+    return state
+
+
+def finished(state):
+    return len(state["history"]) >= state["args"]["epochs"]
+
+
+def prepare_out(script, args, catalogue, state, training):
+    """Record what the model is trained on, and make sure that training into --out destroys no
+    model: not another script's, and not a run of this one unless --overwrite says so."""
+    args.catalogue = {"folder": str(catalogue.folder), "synthetic": catalogue.synthetic,
+                      "photos": len(catalogue.images)}
+    trained_on = state["args"].get("catalogue") if state else None
+    if trained_on and trained_on["synthetic"] != catalogue.synthetic:
+        kind = {True: "the synthetic catalogue", False: "real photos"}
+        print(f"note: this model was trained on {kind[trained_on['synthetic']]} ({trained_on['folder']}); "
+              f"this run shows it {kind[catalogue.synthetic]}")
+    target = args.out / "model.pt"
+    if training and not args.resume and target.is_file():
+        found = torch.load(target, map_location="cpu", weights_only=True)
+        if found.get("script") != script:
+            raise SystemExit(f"error: --out {args.out} holds a model of {found.get('script')}; train {script} into "
+                             f"another --out (or delete {target} first)")
+        if not args.overwrite:
+            done = f"{len(found['history'])} of {found['args']['epochs']} epochs"
+            raise SystemExit(f"error: --out {args.out} holds a model of {script} ({done}); pass another --out, "
+                             f"--resume to continue it, or --overwrite to replace it")
+    if args.resume and state and finished(state):
+        print(f"note: {args.checkpoint or target} has finished all {len(state['history'])} epochs: nothing to "
+              f"resume, so this run only redraws its figures (as --figures-only does)")
+        args.figures_only = True
+    args.out.mkdir(parents=True, exist_ok=True)
+
+
+def resume_training(state, optimizer, schedule, generator, args):
+    """Everything the next epoch depends on, so that a resumed run ends as an uninterrupted one."""
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    generator.set_state(state["batch_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    save_metrics(args.out / "metrics.csv", state["history"], append=False)
+
+
+def epoch_row(epoch, train, test, seconds, count, args):
+    """One row of metrics.csv: the epoch, every train_ and test_ number, the time it took. A loss
+    that is no longer finite stops the run here, with the last good model kept."""
+    row = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}, **{f"test_{k}": v for k, v in test.items()},
+           "seconds": seconds, "images_per_second": count / seconds}
+    if not all(math.isfinite(value) for value in row.values()):
+        raise SystemExit(f"error: the loss became non-finite in epoch {epoch} (try a smaller --lr); "
+                         f"{args.out / 'model.pt'} still holds the model of epoch {epoch - 1}")
+    return row
+
+
+def end_epoch(script, model, history, row, args, optimizer, schedule, generator, **extra):
+    """Append the epoch's row to the history and to metrics.csv, and save the checkpoint."""
+    history.append(row)
+    save_checkpoint(args.out / "model.pt", script, model, history, args, optimizer=optimizer.state_dict(),
+                    schedule=schedule.state_dict(), batch_rng=generator.get_state(),
+                    torch_rng=torch.get_rng_state(), **extra)
+    save_metrics(args.out / "metrics.csv", [row], append=len(history) > 1)
+
+
+def log_epoch(row, args, started, first):
+    """The epoch's line: train and test loss (and the VAE's two terms apart), test PSNR, time, ETA."""
+    def losses(split_name):
+        parts = [f"{key[:3]} {row[f'{split_name}_{key}']:7.1f}" for key in ("reconstruction", "kl")
+                 if f"{split_name}_{key}" in row]
+        return f"{split_name} {row[f'{split_name}_loss']:7.1f}" + (f" ({' + '.join(parts)})" if parts else "")
+
+    epoch, eta = row["epoch"], (time.time() - started) / (row["epoch"] - first + 1) * (args.epochs - row["epoch"])
+    noisy = f"noisy {row['test_psnr_noisy']:5.2f} -> " if "test_psnr_noisy" in row else ""  # the DAE's input
+    print(f"epoch {epoch:3d}/{args.epochs} | {losses('train')} | {losses('test')} | test PSNR {noisy}{row['test_psnr']:5.2f} "
+          f"dB | {row['seconds']:4.1f} s, {row['images_per_second']:5.0f} img/s | ETA {eta:3.0f} s", flush=True)
+
+
+def save_images(images, folder):
+    """(N, 3, S, S) images in [0, 1] as PNG files image_0000.png, ... in `folder`."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(folder / f"sample_{i:04d}.png")
+
+
+@contextmanager
+def stop_cleanly(args):
+    """Ctrl-C ends the run with one line: the checkpoint holds the last finished epoch."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise SystemExit(f"interrupted: {args.out / 'model.pt'} holds the last finished epoch; "
+                         f"add --resume to continue") from None
+
+
+def save_checkpoint(path, script, model, history, args, **extra):
+    """All that --resume needs to go on and --figures-only to redraw. Written to a temporary file,
+    then renamed: a crash never leaves a broken model.pt."""
+    state = {"script": script, "state_dict": model.state_dict(), "history": history,
+             "args": {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()},
+             **extra}
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def save_metrics(path, rows, append):
+    """metrics.csv, one row per epoch, appended as each epoch ends so an interrupted run keeps its rows."""
+    with open(path, "a" if append else "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        if not append:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+# ----------------------------------------------------------------------------- figures
+def show_rows(rows, labels, title, path, columns_titles=None):
+    """Save a titled grid of images: rows is a list of (n, 3, S, S) tensors, one per labelled row.
+    The images are pasted into one picture, drawn once: much faster than one plot per image."""
+    import matplotlib.pyplot as plt  # imported here: only figure code needs it
+
+    size, gap, columns = rows[0].shape[-1], 2, max(len(row) for row in rows)
+    step = size + gap
+    grid = torch.ones(3, len(rows) * step - gap, columns * step - gap)  # white between the images
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid[:, r * step:r * step + size, c * step:c * step + size] = image.clamp(0, 1).cpu()
+    width = max(1.1 * columns + 1.2, 0.075 * len(title))  # the images, the labels left of them, the title
+    # As tall as the images at that width, plus the title: no empty band above or below the grid.
+    height = (width - 1.2) * grid.shape[1] / grid.shape[2] + 0.6 + (0.2 if columns_titles else 0)
+    figure, axis = plt.subplots(figsize=(width, height))
+    axis.imshow(grid.permute(1, 2, 0).numpy())
+    axis.set_yticks([r * step + size / 2 for r in range(len(rows))], labels, fontsize=8)
+    if columns_titles:
+        axis.set_xticks([c * step + size / 2 for c in range(columns)], columns_titles[:columns], fontsize=7)
+    else:
+        axis.set_xticks([])
+    axis.xaxis.tick_top()
+    axis.tick_params(length=0)
+    for spine in axis.spines.values():
+        spine.set_visible(False)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_curves(history, panels, path, log=()):
+    """Train and test curves per epoch: `panels` maps a metrics key (without train_/test_) to a
+    title; the keys in `log` get a log scale."""
+    import matplotlib.pyplot as plt
+
+    if not history:  # a --figures-only run of a checkpoint without history has nothing to draw
+        return
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    epochs = [row["epoch"] for row in history]
+    for axis, (key, title) in zip(axes[0], panels.items()):
+        for split_name in ("train", "test"):
+            if f"{split_name}_{key}" in history[0]:
+                axis.plot(epochs, [row[f"{split_name}_{key}"] for row in history], label=split_name)
+        axis.set(title=title, xlabel="epoch", yscale="log" if key in log else "linear")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_latent_map(codes, catalogue, title, path):
+    """The test products on the two principal directions of all codes, coloured by Category and Gender."""
+    import matplotlib.pyplot as plt
+
+    metadata, test = catalogue.metadata, catalogue.test_index
+    centred = codes - codes.mean(0)
+    directions = torch.linalg.svd(centred, full_matrices=False)[2]  # PCA by hand
+    xy = centred[test] @ directions[:2].T  # (N_test, 2)
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for axis, column in zip(axes, ["Category", "Gender"]):
+        values = metadata[column].iloc[test.tolist()]
+        for value in sorted(values.unique()):
+            mask = torch.tensor((values == value).values)
+            axis.scatter(xy[mask, 0], xy[mask, 1], s=8, label=value or "(none)")
+        axis.set(title=f"{title}, by {column}", xlabel="PC 1", ylabel="PC 2")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def shown_products(catalogue, count):
+    """`count` fixed test products spread over the (sorted) test set: the same ones every run."""
+    test = catalogue.test_index
+    return test[torch.linspace(0, len(test) - 1, count).long()]
+
+
+def pick(metadata, index, column, value, otherwise=0):
+    """The first of the given products whose metadata column equals value; if none does (a folder
+    without fashion.csv, say), the product at position `otherwise`, spread over the index."""
+    matches = [i for i in index.tolist() if metadata.at[i, column] == value]
+    return matches[0] if matches else index[otherwise * len(index) // 8 % len(index)].item()

@@ -14,18 +14,16 @@ colour, backgrounds are white.
 
 The lesson of this script is where the detail goes. ae.py squeezes the photo into one dense
 vector: good for search, but the detail is gone, and a denoiser built that way redraws the photo
-from a description. The first version of this script kept an 8x8x32 grid as its only path and
-reached 26.1 dB at gaussian noise 0.1, 1.4 dB above Pillow's median filter. Three changes let
-the detail through instead of redrawing it: the net predicts the noise and subtracts it (Zhang et
-al. 2017, DnCNN), so a clean photo only has to pass unchanged; a skip connection hands the fine
-detail straight to the output (Mao et al. 2016, RED-Net), while the coarse code decides what is
-noise; and it works on a pixel-unshuffled copy (FFDNet): 2x2 blocks of pixels become 12 channels,
-nothing is lost and no layer runs at full resolution, where a CPU spends its time. The README's
-table has what that reached.
+from a description. Three choices let the detail through instead: the net predicts the noise and
+subtracts it (Zhang et al. 2017, DnCNN), so a clean photo only has to pass unchanged; a skip
+connection hands the fine detail straight to the output (Mao et al. 2016, RED-Net), while the
+coarse code decides what is noise; and it works on a pixel-unshuffled copy (FFDNet): 2x2 blocks of
+pixels become 12 channels, nothing is lost and no layer runs at full resolution, where a CPU
+spends its time.
 
 Run:    python dae.py --epochs 50                     (--noise jpeg --noise-strength 0.4, ...)
-Writes: out/dae/ - model.pt, metrics.csv, denoising.csv, loss_curves.png, same_products.png,
-        summary.json, denoising_<kind>.png (photos), denoised_<kind>.png (the DAE's outputs alone)
+Writes: out/dae/ - model.pt, metrics.csv, denoising.csv, loss_curves.png,
+        denoising_<kind>.png (photos), denoised_<kind>.png (the DAE's outputs alone)
 Again:  python dae.py --figures-only   (the table and figures from the saved model, no training)
 Clean:  python dae.py --clean PHOTO [PHOTO ...]   (your own photos, at their own size)
 """
@@ -33,9 +31,6 @@ Clean:  python dae.py --clean PHOTO [PHOTO ...]   (your own photos, at their own
 import argparse
 import csv
 import io
-import json
-import math
-import os
 import time
 from pathlib import Path
 
@@ -44,7 +39,41 @@ import torch
 from PIL import Image, ImageFilter
 from torch import nn
 
-from common import REPO, data_folder, load_catalogue, select_device, to_rgb
+from common import (REPO, add_run_flags, check_flags, end_epoch, epoch_row, load_catalogue, log_epoch, plot_curves,
+                    prepare_out, resume_training, show_rows, start_run, stop_cleanly)
+import shop
+
+
+# ----------------------------------------------------------------------------- hyperparameters
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # training
+    parser.add_argument("--epochs", type=int, default=50, help="passes over the training set")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per optimisation step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (cosine decay to 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the model, the batches and the figures")
+    # model
+    parser.add_argument("--latent-dim", type=int, default=48, help="channels of the code, a grid of S/4 x S/4")
+    parser.add_argument("--image-size", type=int, default=64, help="photos are resized to this (multiple of 16)")
+    # noise
+    parser.add_argument("--noise", choices=NOISE_KINDS, default="gaussian", help="the corruption to train on")
+    parser.add_argument("--noise-strength", type=float, default=0.1,
+                        help="the test's strength; training draws each image's from [0, twice this]. gaussian: std; "
+                             "salt-and-pepper: fraction of pixels; occlusion: fraction covered; jpeg: 1 - quality/100")
+    # data, device, outputs, a saved run: the same in every script
+    add_run_flags(parser, REPO / "out" / "dae", tools=False)
+    parser.add_argument("--clean", nargs="+", default=None, metavar="PHOTO",
+                        help="a tool for a shop: denoise these photo files at their own size into OUT/<name>_clean.png")
+    args = check_flags(parser, parser.parse_args(argv))
+    if not 0 < args.noise_strength < 1:
+        parser.error("--noise-strength must be between 0 and 1")
+    return args
+
+
+SCRIPT = Path(__file__).name  # saved in the checkpoint, so that another script's model is refused
+MODEL_FLAGS = ("latent_dim", "image_size", "noise", "noise_strength")  # what the model is: taken from a checkpoint
+TRAINING_FLAGS = ("epochs", "batch_size", "lr", "seed")  # how it was trained: taken from it by --resume
 
 
 # ----------------------------------------------------------------------------- noise
@@ -172,6 +201,27 @@ def run_epoch(model, images, args, optimizer=None, generator=None):
     return dict(zip(["loss", "psnr_noisy", "psnr"], (sums / len(images)).tolist()))
 
 
+def train_model(model, train_images, test_images, history, state, args):
+    """The training loop: --epochs passes over the training photos, each followed by a test pass,
+    the model saved after each. Goes on from `state` with --resume."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    # Cosine decay of the learning rate, stepped after each epoch: big steps early, small ones to settle.
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    generator = torch.Generator().manual_seed(args.seed)
+    if args.resume:
+        resume_training(state, optimizer, schedule, generator, args)
+    started, first = time.time(), len(history) + 1
+    with stop_cleanly(args):
+        for epoch in range(first, args.epochs + 1):
+            tick = time.time()
+            train = run_epoch(model, train_images, args, optimizer, generator)
+            test = run_epoch(model, test_images, args)
+            schedule.step()
+            row = epoch_row(epoch, train, test, time.time() - tick, len(train_images), args)
+            end_epoch(SCRIPT, model, history, row, args, optimizer, schedule, generator)
+            log_epoch(row, args, started, first)
+
+
 @torch.no_grad()
 def denoise_all(model, images, args):
     """The model's output for a set of (noisy) images, in batches."""
@@ -180,85 +230,9 @@ def denoise_all(model, images, args):
                       for start in range(0, len(images), args.batch_size)])
 
 
-def save_checkpoint(path, model, optimizer, schedule, generator, history, args):
-    """All that --resume needs to go on and --figures-only to redraw, random states included.
-    Written to a temporary file, then renamed: a crash never leaves a broken model.pt."""
-    state = {"script": "dae.py", "state_dict": model.state_dict(), "history": history,
-             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-             "batch_rng": generator.get_state(), "torch_rng": torch.get_rng_state(),
-             "args": {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}}
-    temporary = path.with_suffix(".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-
-
-def load_checkpoint(path, args, flags):
-    """A saved run. The flags that define it (`flags`) are taken from it, and said so; a flag that
-    the command line sets to another value than the saved one is an error naming it."""
-    if not path.is_file():
-        raise SystemExit(f"error: --checkpoint {path}: no such file (train first: python dae.py)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise SystemExit(f"error: --checkpoint {path}: not a readable checkpoint ({error.__class__.__name__})")
-    if not isinstance(state, dict) or state.get("script") != "dae.py":
-        found = state.get("script", "an unknown script") if isinstance(state, dict) else "an unknown script"
-        raise SystemExit(f"error: --checkpoint {path}: saved by {found}, not by dae.py")
-    defaults, restored = vars(parse_args([])), []
-    for flag in flags:
-        saved, given, name = state["args"][flag], getattr(args, flag), "--" + flag.replace("_", "-")
-        if given != saved and given != defaults[flag]:
-            raise SystemExit(f"error: --checkpoint {path} was trained with {name} {saved}, but this run asks for "
-                             f"{given}; leave {name} out or pass {saved}")
-        if given != saved:
-            setattr(args, flag, saved)
-            restored.append(f"{name} {saved}")
-    print(f"loaded {path} (epoch {len(state['history'])})" + (f", with {' '.join(restored)}" if restored else ""))
-    return state
-
-
-def save_metrics(path, rows, append):
-    """metrics.csv, one row per epoch, appended as each epoch ends so an interrupted run keeps its rows."""
-    with open(path, "a" if append else "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        if not append:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
-# ----------------------------------------------------------------------------- figures and applications
-def show_rows(rows, labels, title, path, columns_titles=None):
-    """Save a titled grid of images: rows is a list of (n, 3, S, S) tensors, one per labelled row.
-    The images are pasted into one picture, drawn once: much faster than one plot per image."""
-    import matplotlib.pyplot as plt  # imported here: only figure code needs it
-
-    size, gap, columns = rows[0].shape[-1], 2, max(len(row) for row in rows)
-    step = size + gap
-    grid = torch.ones(3, len(rows) * step - gap, columns * step - gap)  # white between the images
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            grid[:, r * step:r * step + size, c * step:c * step + size] = image.clamp(0, 1).cpu()
-    width = max(1.1 * columns + 1.2, 0.075 * len(title))  # the images, the labels left of them, the title
-    # As tall as the images at that width, plus the title: no empty band above or below the grid.
-    height = (width - 1.2) * grid.shape[1] / grid.shape[2] + 0.6 + (0.2 if columns_titles else 0)
-    figure, axis = plt.subplots(figsize=(width, height))
-    axis.imshow(grid.permute(1, 2, 0).numpy())
-    axis.set_yticks([r * step + size / 2 for r in range(len(rows))], labels, fontsize=8)
-    if columns_titles:
-        axis.set_xticks([c * step + size / 2 for c in range(columns)], columns_titles[:columns], fontsize=7)
-    else:
-        axis.set_xticks([])
-    axis.xaxis.tick_top()
-    axis.tick_params(length=0)
-    for spine in axis.spines.values():
-        spine.set_visible(False)
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-# Application: cleaning product photos, measured against two classic filters from Pillow.
+# ============================================================================= the lesson ends here
+# What follows measures the DAE against two classic filters from Pillow, draws the figures, cleans
+# a shop's own photos and keeps the run's books.
 def pillow_filter(images, image_filter):
     """Apply a Pillow filter to each image of a (B, 3, S, S) tensor."""
     filtered = []
@@ -284,43 +258,20 @@ def evaluate_denoising(model, catalogue, args):
                       "DAE": denoise_all(model, noisy, args)}
         rows.append({"noise": kind + (" (trained on)" if kind == args.noise else ""), "strength": strength,
                      **{name: psnr(images, clean).mean().item() for name, images in candidates.items()}})
+        if strength == 0:  # the input is the clean photo itself: its PSNR is no measure
+            rows[-1]["noisy input"] = ""
         if strength == args.noise_strength:
             outputs[kind] = candidates
     print(f"denoising the {len(clean)} test products, PSNR in dB (higher is better):")
     print(f"  {'noise':28s}{'strength':>9s}" + "".join(f"{name:>19s}" for name in rows[0] if name in candidates))
     for row in rows:
-        print(f"  {row['noise']:28s}{row['strength']:9.3f}" + "".join(f"{row[name]:19.2f}" for name in candidates))
+        print(f"  {row['noise']:28s}{row['strength']:9.3f}" + "".join(f"{row[name]:19.2f}" if row[name] != "" else
+                                                                      f"{'-':>19s}" for name in candidates))
     with open(args.out / "denoising.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     return rows, outputs
-
-
-def clean_photos(model, paths, args):
-    """--clean: denoise each photo file at its own size, in tiles, into OUT/<name>_clean.png."""
-    failed = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            print(f"error: --clean {path}: no such file")
-            failed.append(path)
-            continue
-        try:
-            with Image.open(path) as opened:
-                photo = torch.from_numpy(np.asarray(to_rgb(opened)).copy()).permute(2, 0, 1).float() / 255
-        except (OSError, SyntaxError, ValueError) as error:
-            print(f"error: --clean {path}: not a readable image ({error.__class__.__name__})")
-            failed.append(path)
-            continue
-        cleaned = denoise_large(model, photo, args)
-        target = args.out / f"{path.stem}_clean.png"
-        if target.resolve() == path.resolve():  # never write over the photo it came from
-            target = args.out / f"{path.stem}_clean_again.png"
-        Image.fromarray((cleaned.permute(1, 2, 0) * 255).round().byte().numpy()).save(target)
-        print(f"cleaned {path} ({photo.shape[2]}x{photo.shape[1]}) -> {target}")
-    if failed:
-        raise SystemExit(f"error: {len(failed)} of {len(paths)} photos could not be read: "
-                         + ", ".join(map(str, failed)))
 
 
 @torch.no_grad()
@@ -345,239 +296,38 @@ def denoise_large(model, photo, args, tile=256, margin=16):
 
 
 @torch.no_grad()
-def make_figures(model, catalogue, history, outputs, args):
-    import matplotlib.pyplot as plt
-
+def make_figures(catalogue, history, outputs, args):
     tag = " [SYNTHETIC catalogue]" if catalogue.synthetic else ""  # so no one mistakes it for real results
-
-    out, images, test = args.out, catalogue.images, catalogue.test_index
-    # Fixed test products, spread over the (sorted) test set: the same ones every run.
-    shown = torch.linspace(0, len(test) - 1, 8).long()  # positions within the test set
+    shown = torch.linspace(0, len(catalogue.test_index) - 1, 8).long()  # fixed positions within the test set
     for kind, candidates in outputs.items():
-        rows = [images[test[shown]]] + [candidates[name][shown] for name in ("noisy input", "median filter (3)", "DAE")]
+        rows = [catalogue.images[catalogue.test_index[shown]]]
+        rows += [candidates[name][shown] for name in ("noisy input", "median filter (3)", "DAE")]
         show_rows(rows, ["clean", "noisy", "median (3)", "DAE"], f"Denoising {kind} noise ({args.noise_strength})" + tag,
-                  out / f"denoising_{kind}.png")
+                  args.out / f"denoising_{kind}.png")
         show_rows([candidates["DAE"][shown]], ["DAE"], f"DAE outputs, {kind} noise ({args.noise_strength})" + tag,
-                  out / f"denoised_{kind}.png")
-    if history:
-        figure, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-        axes[0].plot([h["epoch"] for h in history], [h["train_loss"] for h in history], label="train")
-        axes[0].plot([h["epoch"] for h in history], [h["test_loss"] for h in history], label="test")
-        axes[0].set(title="loss per image (output vs clean)", xlabel="epoch", yscale="log")
-        axes[0].legend()
-        axes[1].plot([h["epoch"] for h in history], [h["test_psnr_noisy"] for h in history], label="noisy input")
-        axes[1].plot([h["epoch"] for h in history], [h["test_psnr"] for h in history], label="DAE output")
-        axes[1].set(title="test PSNR (dB)", xlabel="epoch")
-        axes[1].legend()
-        figure.tight_layout()
-        figure.savefig(out / "loss_curves.png", dpi=100)
-        plt.close(figure)
-
-
-# ----------------------------------------------------------------------------- the three models on the same axes
-# ae.py, dae.py and vae.py each write the same OUT/summary.json, so that the README can compare them.
-def precision_at_5(codes, catalogue, column):
-    """Share of the 5 training products nearest to each test product (cosine of codes) with its label."""
-    train, test = catalogue.train_index, catalogue.test_index
-    unit = codes / codes.norm(dim=1, keepdim=True).clamp_min(1e-8)
-    neighbours = train[(unit[test] @ unit[train].T).topk(min(5, len(train)), dim=1).indices]  # (N_test, 5)
-    labels = catalogue.metadata[column].to_numpy()
-    return float((labels[neighbours.numpy()] == labels[test.numpy(), None]).mean())
-
-
-def linear_probe(train_codes, train_labels, test_codes, test_labels, steps=300):
-    """Test accuracy of a logistic regression trained on the training codes: how much of a label a
-    straight line can read off the code. Codes are standardised so every dimension counts alike."""
-    classes = sorted(set(train_labels))
-    mean, scale = train_codes.mean(0), train_codes.std(0).clamp_min(1e-6)
-    layer = nn.Linear(train_codes.shape[1], len(classes))
-    optimizer = torch.optim.Adam(layer.parameters(), lr=0.01, weight_decay=1e-4)
-    targets = torch.tensor([classes.index(label) for label in train_labels])
-    with torch.enable_grad():
-        for _ in range(steps):
-            loss = nn.functional.cross_entropy(layer((train_codes - mean) / scale), targets)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    predicted = layer((test_codes - mean) / scale).argmax(1).tolist()
-    return sum(classes[p] == label for p, label in zip(predicted, test_labels)) / len(test_labels)
-
-
-def frechet_distance(samples, photos, components=32):
-    """How far a set of generated images lies from the photos, as distributions: both are projected
-    on the photos' first principal components (of 16x16 thumbnails), and the two Gaussians compared,
-    as FID does with a classifier's features: ||m1 - m2||^2 + Tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2)."""
-    def thumbnails(images):
-        return nn.functional.adaptive_avg_pool2d(images, 16).flatten(1).double()
-
-    reference = thumbnails(photos)
-    centre = reference.mean(0)
-    directions = torch.linalg.svd(reference - centre, full_matrices=False)[2][:components]
-    a, b = (thumbnails(samples) - centre) @ directions.T, (reference - centre) @ directions.T
-    covariance_a, covariance_b = torch.cov(a.T), torch.cov(b.T)
-    values, vectors = torch.linalg.eigh(covariance_a)
-    root = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T  # S1^1/2
-    cross = torch.linalg.eigvalsh(root @ covariance_b @ root).clamp_min(0).sqrt().sum()
-    return (((a.mean(0) - b.mean(0)) ** 2).sum() + covariance_a.trace() + covariance_b.trace() - 2 * cross).item()
-
-
-@torch.no_grad()
-def write_summary(model, catalogue, history, codes, samples, args):
-    """OUT/summary.json: the same numbers for every model, and the same 8 test products reconstructed."""
-    tag = " [SYNTHETIC catalogue]" if catalogue.synthetic else ""
-    images, metadata, train, test = catalogue.images, catalogue.metadata, catalogue.train_index, catalogue.test_index
-    clean_output = denoise_all(model, images[test], args)  # a clean photo in: how much of it comes back
-    summary = {"model": Path(__file__).name, "test_psnr_clean": psnr(clean_output, images[test]).mean().item(),
-               "code_size": codes.shape[1]}
-    for column in ("ProductType", "Colour", "Category"):  # None where the photos have no such label
-        labelled = (metadata[column] != "").any()
-        labels = metadata[column].tolist()
-        if column != "Category":
-            summary[f"precision@5_{column}"] = precision_at_5(codes, catalogue, column) if labelled else None
-        if column != "Colour":
-            summary[f"probe_{column}"] = linear_probe(codes[train], [labels[i] for i in train.tolist()], codes[test],
-                                                      [labels[i] for i in test.tolist()]) if labelled else None
-    summary["sample_frechet_distance"] = frechet_distance(samples, images[train]) if samples is not None else None
-    summary["seconds_per_epoch"] = float(np.median([h["seconds"] for h in history])) if history else None
-    summary["parameters"] = sum(p.numel() for p in model.parameters())
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print("summary:", ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
-    shown = test[torch.linspace(0, len(test) - 1, 8).long()]  # the same 8 test products in all three scripts
-    show_rows([model(images[shown].to(args.device)).float().cpu()], ["DAE"],
-              "The same 8 test products, reconstructed from clean photos" + tag, args.out / "same_products.png")
-
-
-# ----------------------------------------------------------------------------- command line
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # training
-    parser.add_argument("--epochs", type=int, default=50, help="passes over the training set")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per optimisation step")
-    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (cosine decay to 0)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the model, the batches and the figures")
-    # model
-    parser.add_argument("--latent-dim", type=int, default=48, help="channels of the code, a grid of S/4 x S/4")
-    parser.add_argument("--image-size", type=int, default=64, help="photos are resized to this (multiple of 16)")
-    # noise
-    parser.add_argument("--noise", choices=NOISE_KINDS, default="gaussian", help="the corruption to train on")
-    parser.add_argument("--noise-strength", type=float, default=0.1,
-                        help="the test's strength; training draws each image's from [0, twice this]. gaussian: std; "
-                             "salt-and-pepper: fraction of pixels; occlusion: fraction covered; jpeg: 1 - quality/100")
-    # data, device and outputs
-    parser.add_argument("--data", default=None, help="folder of photos; if not given, the repo's data/ "
-                                                        "(a synthetic catalogue if it holds none)")
-    parser.add_argument("--out", type=Path, default=REPO / "out" / "dae", help="where figures and model.pt go")
-    parser.add_argument("--device", default=None, help="cpu, cuda or mps; if not given, the best available")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (for GPUs, CPUs with AMX)")
-    # a saved run
-    parser.add_argument("--figures-only", action="store_true", help="load the checkpoint, redraw, no training")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from the checkpoint")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="the model --figures-only, --resume or --clean loads; if not given, OUT/model.pt")
-    # a tool for a shop, on a trained model
-    parser.add_argument("--clean", nargs="+", default=None, metavar="PHOTO",
-                        help="denoise these photo files at their own size into OUT/<name>_clean.png")
-    args = parser.parse_args(argv)
-    for flag in ("epochs", "batch_size", "latent_dim"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if not args.lr > 0:
-        parser.error("--lr must be positive")
-    if args.checkpoint and not (args.figures_only or args.resume or args.clean):
-        parser.error("--checkpoint names the model to load with --figures-only or --resume; "
-                     "training writes OUT/model.pt")
-    if not 0 < args.noise_strength < 1:
-        parser.error("--noise-strength must be between 0 and 1")
-    return args
-
-
-# What the model is: always taken from a checkpoint.
-MODEL_FLAGS = ("latent_dim", "image_size", "noise", "noise_strength")
-TRAINING_FLAGS = ("epochs", "batch_size", "lr", "seed")  # how it was trained: taken from it by --resume
+                  args.out / f"denoised_{kind}.png")
+    plot_curves(history, {"loss": "loss per image (output vs clean)", "psnr": "test PSNR of the output (dB)"},
+                args.out / "loss_curves.png", log=("loss",))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    defaults = vars(parse_args([]))  # the command that reruns this: the flags that differ from the defaults
-    print("dae.py", *[f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-                        for k, v in vars(args).items() if v != defaults[k] and k != "data"],
-          "--data", data_folder(args.data))
-    checkpoint, state = args.checkpoint or args.out / "model.pt", None
-    if args.figures_only or args.resume or args.clean:  # checked before the photos load: a wrong file fails at once
-        state = load_checkpoint(checkpoint, args, MODEL_FLAGS + (TRAINING_FLAGS if args.resume else ()))
-    torch.manual_seed(args.seed)
-    # Numbers below ~1e-38 ("denormals") take a slow path in x86 CPUs, and a well-trained model's
-    # gradients hold many of them; flushed to zero they change nothing visible (vae.py: ~15 % an epoch).
-    torch.set_flush_denormal(True)
-    args.device = select_device(args.device)
+    checkpoint, state = start_run(SCRIPT, args, vars(parse_args([])), MODEL_FLAGS, TRAINING_FLAGS,
+                                  load=args.figures_only or args.resume or args.clean is not None)
     model = DenoisingAutoencoder(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)
     if state:
         model.load_state_dict(state["state_dict"])
     if args.clean:  # the user's own photos: no catalogue needed
         args.out.mkdir(parents=True, exist_ok=True)
-        return clean_photos(model, args.clean, args)
+        return shop.clean_photos(lambda photo: denoise_large(model, photo, args), args.clean, args.out)
+    history = state["history"] if state else []
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
-    print(f"{len(train_images)} training and {len(test_images)} test products, {args.image_size} px")
-    # What the model is trained on is saved with it, so that a model and photos that do not belong together show.
-    args.catalogue = {"folder": str(catalogue.folder), "synthetic": catalogue.synthetic,
-                      "photos": len(catalogue.images)}
-    trained_on = state["args"].get("catalogue") if state else None
-    if trained_on and trained_on["synthetic"] != catalogue.synthetic:
-        kind = {True: "the synthetic catalogue", False: "real photos"}
-        print(f"note: this model was trained on {kind[trained_on['synthetic']]} ({trained_on['folder']}); "
-              f"this run shows it {kind[catalogue.synthetic]}")
-    if not (args.figures_only or args.resume) and (args.out / "model.pt").is_file():
-        found = torch.load(args.out / "model.pt", map_location="cpu", weights_only=True).get("script")
-        if found != "dae.py":
-            raise SystemExit(f"error: --out {args.out} holds a model of {found}; train dae.py into another --out "
-                             f"(or delete {args.out / 'model.pt'} first)")
-    args.out.mkdir(parents=True, exist_ok=True)
-
-    history = state["history"] if state else []
+    prepare_out(SCRIPT, args, catalogue, state, training=not args.figures_only)
     if not args.figures_only:
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-        # Cosine decay of the learning rate: big steps early, small ones to settle at the end.
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
-        generator = torch.Generator().manual_seed(args.seed)
-        if args.resume:  # everything the next epoch depends on, so it continues as if never stopped
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            generator.set_state(state["batch_rng"])
-            torch.set_rng_state(state["torch_rng"])
-            save_metrics(args.out / "metrics.csv", history, append=False)
-        started, first = time.time(), len(history) + 1
-        try:
-            for epoch in range(first, args.epochs + 1):
-                tick = time.time()
-                train = run_epoch(model, train_images, args, optimizer, generator)
-                test = run_epoch(model, test_images, args)
-                schedule.step()
-                seconds = time.time() - tick
-                if not all(math.isfinite(value) for value in [*train.values(), *test.values()]):
-                    raise SystemExit(f"error: the loss became non-finite in epoch {epoch} (try a smaller --lr); "
-                                     f"{args.out / 'model.pt'} still holds the model of epoch {epoch - 1}")
-                history.append({"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
-                                **{f"test_{k}": v for k, v in test.items()},
-                                "seconds": seconds, "images_per_second": len(train_images) / seconds})
-                save_checkpoint(args.out / "model.pt", model, optimizer, schedule, generator, history, args)
-                save_metrics(args.out / "metrics.csv", history[-1:], append=epoch > 1)
-                eta = (time.time() - started) / (epoch - first + 1) * (args.epochs - epoch)
-                print(f"epoch {epoch:3d}/{args.epochs} | train {train['loss']:6.1f} | test {test['loss']:6.1f} | test "
-                      f"PSNR noisy {test['psnr_noisy']:5.2f} -> DAE {test['psnr']:5.2f} dB | {seconds:4.1f} s, "
-                      f"{len(train_images) / seconds:5.0f} img/s | ETA {eta:3.0f} s", flush=True)
-        except KeyboardInterrupt:
-            raise SystemExit(f"interrupted: {args.out / 'model.pt'} holds the last finished epoch; "
-                             f"add --resume to continue") from None
+        train_model(model, train_images, test_images, history, state, args)
     _, outputs = evaluate_denoising(model, catalogue, args)
-    make_figures(model, catalogue, history, outputs, args)
-    # The DAE's code is a grid of S/4 x S/4; averaged to 4x4 it says what is in the photo more than where.
-    with torch.no_grad():
-        codes = torch.cat([nn.functional.adaptive_avg_pool2d(model.eval().encode(batch.to(args.device)), 4).flatten(1)
-                           for batch in catalogue.images.split(256)]).cpu()
-    # No samples: its decoder needs the skip features of a real photo, so a code alone cannot be drawn.
-    write_summary(model, catalogue, history, codes, None, args)
+    make_figures(catalogue, history, outputs, args)
     print(f"figures in {args.out}/" + (" (a SYNTHETIC catalogue: not real results)" if catalogue.synthetic else ""))
 
 

@@ -1,0 +1,273 @@
+"""What a shop does with a trained model: "more like this", duplicate listings, attribute edits,
+cleaning its own photos.
+
+None of this is how an autoencoder works; it is what its code is good for. ae.py and vae.py call
+these on their own codes, and compare.py measures every model's codes with the same search:
+
+    codes = encode_all(model, catalogue.images, args)     # (N, latent), one row per product
+    search(codes[queries], unit(codes[catalogue]), k=5)   # the 5 products nearest to each query
+"""
+
+import csv
+import hashlib
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import (NEAR_COPY_PSNR, connected_groups, decode, pick, plot_latent_map, show_rows, shown_products, thumbnails,
+                    to_rgb)
+
+
+# ----------------------------------------------------------------------------- the figures every model draws
+def figures(name, encode, decode_codes, codes, losses, catalogue, tag, args):
+    """What ae.py and vae.py both show of a trained model. `encode` takes photos to codes (N, latent),
+    `decode_codes` codes to images; `codes` are every product's, `losses` each test product's own."""
+    images, metadata, out = catalogue.images, catalogue.metadata, args.out
+    shown = shown_products(catalogue, 10)
+    show_rows([images[shown], decode_codes(codes[shown])], ["original", name],
+              "Test products and their reconstructions" + tag, out / "reconstructions.png")
+    plot_latent_map(codes, catalogue, f"Test codes of the {name} (PCA)", out / "latent_map.png")
+    # "More like this": the encoder as a search engine, tested with the test products as queries.
+    neighbours = evaluate_search(encode, catalogue, args)
+    search_figures(catalogue, neighbours, lambda batch: decode_codes(encode(batch)), name, tag, out)
+    rows, labels = interpolation_rows(encode, decode_codes, catalogue)
+    show_rows(rows, labels, "Interpolating between two test products in latent space" + tag, out / "interpolations.png")
+    # Attribute edits: add the "Black" direction to the codes of products of other colours.
+    edited = [i for i in shown.tolist() if metadata.at[i, "Colour"] != "Black"][:6]
+    if (metadata["Colour"] == "Black").any() and edited:
+        directions = torch.stack([attribute_direction(codes, metadata, catalogue.train_index, "Colour", "Black",
+                                                      metadata.at[i, "Category"]) for i in edited])
+        strengths = [0, 0.5, 1, 1.5]
+        show_rows([decode_codes(codes[edited] + s * directions) for s in strengths],
+                  [f"+{s} x black" for s in strengths], 'Attribute edit: adding the "Black" direction' + tag,
+                  out / "attribute_edit.png")
+    # Catalogue QA: the test products the model finds hardest, by their own loss.
+    worst = catalogue.test_index[losses.argsort(descending=True)[:8]]
+    show_rows([images[worst], decode_codes(codes[worst])], ["photo", name],
+              f"Catalogue QA: the 8 test products with the highest {name} loss" + tag, out / "catalogue_qa.png")
+
+
+# ----------------------------------------------------------------------------- search by cosine similarity
+def unit(vectors):
+    """Rows scaled to length 1, so that a matrix product of two sets gives their cosine similarities."""
+    return vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+
+def cosine_similarity(queries, catalogue):
+    """(N_queries, N_catalogue): the cosine of the angle between each query row and each catalogue row."""
+    return unit(queries) @ unit(catalogue).T
+
+
+def search(queries, index, k=5):
+    """Indices (into index) of the k most similar rows for each query row, best first. The index is
+    built once, with unit(), so a query costs one matrix product."""
+    return (unit(queries) @ index.T).topk(k, dim=1).indices  # (N_queries, k)
+
+
+def precision_at_k(query_labels, catalogue_labels, neighbours):
+    """Fraction of the k neighbours that share the query's label, averaged over the queries."""
+    hits = [[catalogue_labels[j] == query_labels[i] for j in row] for i, row in enumerate(neighbours.tolist())]
+    return sum(map(sum, hits)) / max(1, sum(map(len, hits)))
+
+
+def evaluate_search(encode, catalogue, args):
+    """Each test product as a query against the training products (the catalogue): precision@5 by
+    ProductType and Colour, the index's size and the time of a query as a user makes it (encode one
+    photo, then search), into OUT/search.csv. Returns the neighbours (N_test, 5)."""
+    images, metadata, train, test = catalogue.images, catalogue.metadata, catalogue.train_index, catalogue.test_index
+    index, k = unit(encode(images[train])), min(5, len(train))
+    neighbours = train[search(encode(images[test]), index, k)]  # (N_test, k) catalogue rows
+    tick = time.perf_counter()
+    for i in test[:50].tolist():
+        search(encode(images[i:i + 1]), index, k)
+    result = {"index_mb": index.numel() * 4 / 1e6, "ms_per_query": 1000 * (time.perf_counter() - tick) / len(test[:50])}
+    for column in ("ProductType", "Colour"):
+        if (metadata[column] != "").any():  # a folder without fashion.csv has no such labels
+            labels = metadata[column].tolist()
+            result[f"precision@5_{column}"] = precision_at_k([labels[i] for i in test.tolist()], labels, neighbours)
+    print(f"search over {len(train)} catalogue products with {len(test)} test queries: "
+          + ", ".join(f"{key} {value:.3f}" for key, value in result.items()))
+    with open(args.out / "search.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(result))
+        writer.writeheader()
+        writer.writerow(result)
+    return neighbours
+
+
+def search_figures(catalogue, neighbours, reconstruct, name, tag, out):
+    """Queries of six types, each followed by its 5 nearest catalogue products: search.png shows the
+    photos, search_outputs.png the model's reconstructions of them (a figure with no dataset photo)."""
+    metadata, test = catalogue.metadata, catalogue.test_index
+    types = ["Tshirts", "Heels", "Sports Shoes", "Dresses", "Flip Flops", "Shorts"]
+    queries = list(dict.fromkeys(pick(metadata, test, "ProductType", t, n) for n, t in enumerate(types)))
+    position = {index: row for row, index in enumerate(test.tolist())}
+    rows = [torch.cat([torch.tensor([q]), neighbours[position[q]]]) for q in queries]
+    labels = [metadata.at[q, "ProductType"] for q in queries]
+    titles = ["query"] + [f"match {i}" for i in range(1, 6)]
+    show_rows([catalogue.images[r] for r in rows], labels, "More like this: nearest products by latent code" + tag,
+              out / "search.png", titles)
+    show_rows([reconstruct(catalogue.images[r]) for r in rows], labels,
+              f"More like this (shown as the {name}'s reconstructions)" + tag, out / "search_outputs.png", titles)
+
+
+# ----------------------------------------------------------------------------- tools on the whole catalogue
+def catalogue_codes(encode, catalogue, checkpoint, out):
+    """The code of every catalogue product, cached beside the model and rebuilt when the model
+    file or the catalogue's photos change."""
+    key = hashlib.sha256(checkpoint.read_bytes() + catalogue.images.numpy().tobytes()).hexdigest()
+    cache = out / "catalogue_codes.pt"
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        if saved["key"] == key:
+            return saved["codes"]
+    codes = encode(catalogue.images)
+    torch.save({"key": key, "codes": codes}, cache.with_suffix(".tmp"))
+    os.replace(cache.with_suffix(".tmp"), cache)
+    return codes
+
+
+def run_tools(encode, catalogue, checkpoint, args):
+    """--query and --duplicates: both search the whole catalogue, with codes computed once and cached."""
+    codes = catalogue_codes(encode, catalogue, checkpoint, args.out)
+    if args.query is not None:
+        more_like_this(encode, catalogue, codes, args)
+    if args.duplicates is not None:
+        find_duplicates(catalogue, codes, args)
+
+
+def describe(metadata, row, *columns):
+    return [str(metadata.at[row, column]) if column in metadata else "" for column in columns]
+
+
+def more_like_this(encode, catalogue, codes, args):
+    """Print and draw the --top catalogue products most like the --query photo (a file or a ProductId)."""
+    images, metadata = catalogue.images, catalogue.metadata
+    if Path(args.query).is_file():  # a photo of the user's, framed as the catalogue's photos are
+        pixels = decode(Path(args.query), args.image_size)
+        if pixels is None:
+            raise SystemExit(f"error: --query {args.query}: not a readable image")
+        query, name = torch.tensor(pixels).permute(2, 0, 1).float() / 255, Path(args.query).stem
+    elif (metadata["ProductId"] == args.query).any():
+        query, name = images[(metadata["ProductId"] == args.query).values.argmax()], args.query
+    else:
+        raise SystemExit(f"error: --query {args.query}: no such file, and no product with this ProductId")
+    # The answer is never the query itself or a copy of it: catalogue photos near-identical to the
+    # query, and every photo of their near-copy groups, are left out.
+    error = ((thumbnails(query[None]) - thumbnails(images)) ** 2).mean(1)  # (N,)
+    copies = torch.isin(catalogue.groups, catalogue.groups[error < 10 ** (-NEAR_COPY_PSNR / 10)])
+    similarity = cosine_similarity(encode(query[None]), codes)[0]
+    similarity[copies] = -math.inf
+    best = similarity.topk(min(args.top, int((~copies).sum()))).indices
+    print(f"products most like {args.query} "
+          f"({int(copies.sum())} catalogue photos left out: the photo itself or its copies):")
+    for rank, row in enumerate(best.tolist(), 1):
+        product_id, product_type, colour, title = describe(metadata, row, "ProductId", "ProductType", "Colour",
+                                                           "ProductTitle")
+        print(f"  {rank:2d}. {product_id:>8s}  {product_type:14s} {colour:10s} {title[:50]:50s} {similarity[row]:.3f}")
+    show_rows([torch.cat([query[None], images[best]])], [name], f"More like {name}", args.out / f"query_{name}.png",
+              ["query"] + [f"{similarity[row]:.3f}" for row in best.tolist()])
+
+
+def identical_file_pairs(catalogue):
+    """The pairs (i, j), i < j, of catalogue products whose photo files are byte for byte the same."""
+    by_digest = {}
+    for row, path in enumerate(catalogue.metadata["path"]):
+        file = catalogue.folder / path
+        if file.is_file():  # the synthetic catalogue has no files
+            by_digest.setdefault(hashlib.md5(file.read_bytes()).hexdigest(), []).append(row)
+    return {(i, j) for rows in by_digest.values() for i in rows for j in rows if i < j}
+
+
+def find_duplicates(catalogue, codes, args):
+    """Groups of catalogue products whose codes are nearly identical, most similar first, as
+    OUT/duplicates.csv and a figure of the top groups."""
+    metadata, pairs, best = catalogue.metadata, [], torch.zeros(len(codes))
+    for start in range(0, len(codes), 1024):  # in blocks of rows: no N x N matrix for a big catalogue
+        similarity = cosine_similarity(codes[start:start + 1024], codes)
+        similarity[torch.arange(len(similarity)), torch.arange(start, start + len(similarity))] = -1  # not itself
+        best[start:start + 1024] = similarity.max(1).values
+        pairs += [(start + i, j) for i, j in (similarity >= args.duplicates).nonzero().tolist()]
+    groups = torch.from_numpy(connected_groups(pairs, len(codes)))
+    listed = [g for g in groups.unique().tolist() if (groups == g).sum() > 1]
+    listed.sort(key=lambda g: -best[groups == g].max().item())
+    with open(args.out / "duplicates.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["group", "ProductId", "ProductTitle", "similarity"])
+        for number, group in enumerate(listed, 1):
+            for row in (groups == group).nonzero().flatten().tolist():
+                writer.writerow([number, *describe(metadata, row, "ProductId", "ProductTitle"), f"{best[row]:.4f}"])
+    members = [(groups == group).nonzero().flatten()[:8] for group in listed[:8]]
+    print(f"{sum(int((groups == g).sum()) for g in listed)} products in {len(listed)} groups of "
+          f"near-identical codes (cosine >= {args.duplicates}); list in {args.out / 'duplicates.csv'}")
+    # A check with known answers: files that are byte for byte the same must be found as pairs.
+    found, identical = {(i, j) for i, j in pairs if i < j}, identical_file_pairs(catalogue)
+    print(f"{len(found)} pairs of products; of the catalogue's {len(identical)} pairs of byte-identical files, "
+          f"{len(found & identical)} are among them, and {len(found - identical)} pairs are other photos")
+    if members:
+        show_rows([catalogue.images[m] for m in members], [f"group {n}" for n in range(1, len(members) + 1)],
+                  "Duplicate listings: products whose codes are nearly identical", args.out / "duplicates.png")
+
+
+# ----------------------------------------------------------------------------- cleaning a shop's own photos
+def clean_photos(denoise, paths, out):
+    """dae.py --clean: each photo file through `denoise` at its own size, into OUT/<name>_clean.png;
+    a file that cannot be read is named, and the others are still cleaned."""
+    failed = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            print(f"error: --clean {path}: no such file")
+            failed.append(path)
+            continue
+        try:
+            with Image.open(path) as opened:
+                photo = torch.from_numpy(np.asarray(to_rgb(opened)).copy()).permute(2, 0, 1).float() / 255
+        except (OSError, SyntaxError, ValueError) as error:
+            print(f"error: --clean {path}: not a readable image ({error.__class__.__name__})")
+            failed.append(path)
+            continue
+        cleaned = denoise(photo)
+        target = out / f"{path.stem}_clean.png"
+        if target.resolve() == path.resolve():  # never write over the photo it came from
+            target = out / f"{path.stem}_clean_again.png"
+        Image.fromarray((cleaned.permute(1, 2, 0) * 255).round().byte().numpy()).save(target)
+        print(f"cleaned {path} ({photo.shape[2]}x{photo.shape[1]}) -> {target}")
+    if failed:
+        raise SystemExit(f"error: {len(failed)} of {len(paths)} photos could not be read: "
+                         + ", ".join(map(str, failed)))
+
+
+
+# ----------------------------------------------------------------------------- walking the code space
+def interpolation_rows(encode, decode_codes, catalogue, steps=8):
+    """Straight lines in code space between two real test products of different types, decoded."""
+    metadata, test = catalogue.metadata, catalogue.test_index
+    pairs = [("Sports Shoes", "Heels"), ("Tshirts", "Dresses"), ("Casual Shoes", "Flip Flops"), ("Shorts", "Tops")]
+    fractions = torch.linspace(0, 1, steps).view(-1, 1)
+    rows, labels = [], []
+    for number, (start, end) in enumerate(pairs):
+        ends = [pick(metadata, test, "ProductType", start, 2 * number),
+                pick(metadata, test, "ProductType", end, 2 * number + 1)]
+        code = encode(catalogue.images[ends])
+        rows.append(decode_codes(code[0] + fractions * (code[1] - code[0])))
+        labels.append(f"{metadata.at[ends[0], 'ProductType']}\n-> {metadata.at[ends[1], 'ProductType']}"[:40])
+    return rows, labels
+
+
+def attribute_direction(codes, metadata, train_index, column, value, category):
+    """The mean code of the training products with `value` in `column` minus the mean code of the
+    other training products, within one Category: most black products are shoes, so across
+    categories the "black" direction would also turn a T-shirt into a shoe. Test products never
+    count. Zero when either side is empty."""
+    train = torch.zeros(len(codes), dtype=torch.bool)
+    train[train_index] = True
+    same = train & torch.tensor((metadata["Category"] == category).values)
+    has = torch.tensor((metadata[column] == value).values)
+    inside, outside = same & has, same & ~has
+    if not (inside.any() and outside.any()):
+        return torch.zeros(codes.shape[1])
+    return codes[inside].mean(0) - codes[outside].mean(0)

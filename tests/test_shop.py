@@ -1,0 +1,46 @@
+"""shop.py: search, precision@k, the attribute direction: what a shop does with a model's codes."""
+
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+
+import common
+import shop
+
+
+def test_search_ranks_an_exact_duplicate_first():
+    torch.manual_seed(0)
+    catalogue = torch.randn(50, 16)
+    queries = torch.cat([catalogue[[7]] * 3, catalogue[[30]]])  # scale does not matter to cosine
+    neighbours = shop.search(queries, shop.unit(catalogue), k=5)
+    assert neighbours.shape == (2, 5) and neighbours[:, 0].tolist() == [7, 30]
+
+
+def test_precision_at_k_on_a_hand_made_example():
+    neighbours = torch.tensor([[0, 1, 2], [2, 3, 0]])
+    catalogue_labels = ["shoe", "shoe", "shirt", "shirt"]
+    # query 0 (shoe): shoe, shoe, shirt -> 2 of 3; query 1 (shirt): shirt, shirt, shoe -> 2 of 3
+    assert shop.precision_at_k(["shoe", "shirt"], catalogue_labels, neighbours) == pytest.approx(4 / 6)
+    assert shop.precision_at_k(["dress", "dress"], catalogue_labels, neighbours) == 0
+
+
+def test_the_search_index_holds_training_products_only(tiny_catalogue, tmp_path):
+    catalogue = common.load_catalogue(tiny_catalogue, image_size=32)
+    # Pixels as codes: a test product in the index would be its own first neighbour.
+    neighbours = shop.evaluate_search(lambda images: images.flatten(1), catalogue, SimpleNamespace(out=tmp_path))
+    assert neighbours.shape == (len(catalogue.test_index), 5)
+    assert set(neighbours.flatten().tolist()) <= set(catalogue.train_index.tolist())
+    assert "precision@5_ProductType" in (tmp_path / "search.csv").read_text()
+
+
+def test_the_attribute_direction_uses_training_products_only():
+    metadata = pd.DataFrame({"Category": ["Apparel"] * 6 + ["Footwear"] * 2,
+                             "Colour": ["Black", "Black", "Red", "Blue", "Black", "Red", "Black", "Red"]})
+    codes = torch.arange(16.0).view(8, 2)
+    train = torch.tensor([0, 1, 2, 3, 6, 7])  # products 4 and 5 are test products
+    codes[4:6] = 1000.0  # if a test product counted, the direction would be huge
+    direction = shop.attribute_direction(codes, metadata, train, "Colour", "Black", "Apparel")
+    assert torch.equal(direction, codes[[0, 1]].mean(0) - codes[[2, 3]].mean(0))
+    assert torch.equal(shop.attribute_direction(codes, metadata, train, "Colour", "Green", "Apparel"), torch.zeros(2))
