@@ -1,0 +1,330 @@
+"""The three autoencoders and two baselines on the same axes, on the same test photos.
+
+After `python ae.py`, `python dae.py` and `python vae.py`, this loads the three models and puts
+them next to two baselines that need no training (the raw pixels, and PCA with as many components
+as the AE's code) on four axes:
+
+    reconstruction   test PSNR from clean photos, and from photos with gaussian noise 0.1
+    representation   code size; precision@5 by ProductType and Colour (cosine of codes, the test
+                     products as queries against the training products); a linear probe's test
+                     accuracy for ProductType and Category
+    generation       1,000 codes drawn from a Gaussian fitted to the training codes (and, for the
+                     VAE, from its prior N(0, I)), decoded, and scored by two Frechet distances to
+                     the training photos: in the features of a small classifier that this script
+                     trains on the training photos' ProductType ("classifier FD", the idea of FID),
+                     and on the principal components of 16x16 thumbnails ("pixel FD")
+    cost             seconds per training epoch (median) and parameters, from each checkpoint
+
+Run:    python compare.py                        (after the three default runs)
+Writes: out/compare/ - table.md (the table it prints), summary.json, same_products.png (the same
+        8 test products from each model: model outputs only), classifier.pt (cached, seeded)
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import ae
+import dae
+import shop
+import vae
+from common import REPO, load_catalogue, select_device, show_rows
+
+SCRIPTS = {"ae": (ae, ae.Autoencoder), "dae": (dae, dae.DenoisingAutoencoder), "vae": (vae, vae.VAE)}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name in SCRIPTS:
+        parser.add_argument(f"--{name}", type=Path, default=REPO / "out" / name / "model.pt",
+                            help=f"the checkpoint {name}.py wrote")
+    parser.add_argument("--data", default=None, help="folder of photos; if not given, the repo's data/")
+    parser.add_argument("--out", type=Path, default=REPO / "out" / "compare", help="where the table and figure go")
+    parser.add_argument("--samples", type=int, default=1000, help="generated images per model")
+    parser.add_argument("--noise", type=float, default=0.1, help="standard deviation of the gaussian noise")
+    parser.add_argument("--classifier-epochs", type=int, default=15, help="training of the FD classifier")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the noise, the samples and the classifier")
+    parser.add_argument("--device", default=None, help="cpu, cuda or mps; if not given, the best available")
+    args = parser.parse_args(argv)
+    if args.samples < 2 or args.classifier_epochs < 1:
+        parser.error("--samples must be at least 2 and --classifier-epochs at least 1")
+    return args
+
+
+# ----------------------------------------------------------------------------- the models, each as three functions
+def load_model(name, path, device):
+    """The model a script saved, rebuilt from the flags in its checkpoint."""
+    script, model_class = SCRIPTS[name]
+    if not path.is_file():
+        raise SystemExit(f"error: --{name} {path}: no such file (train it first: python {name}.py)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise SystemExit(f"error: --{name} {path}: not a readable checkpoint ({error.__class__.__name__})")
+    if not isinstance(state, dict) or state.get("script") != f"{name}.py":
+        raise SystemExit(f"error: --{name} {path}: not a model of {name}.py")
+    saved = state["args"]
+    model = model_class(saved["image_size"], saved["latent_dim"])
+    model.load_state_dict(state["state_dict"])
+    return model.to(device).eval(), state
+
+
+def in_batches(function, images, device, size=256):
+    with torch.no_grad():
+        return torch.cat([function(batch.to(device)).float().cpu() for batch in images.split(size)])
+
+
+def model_functions(name, model, device):
+    """encode: photos -> codes (N, D); reconstruct: photos -> photos; decode: codes -> photos, or
+    None where a code alone cannot be decoded (the DAE's decoder needs a photo's skip features)."""
+    if name == "ae":
+        encode, reconstruct = model.encode, model
+    elif name == "vae":
+        encode, reconstruct = (lambda x: model.encode(x)[0]), (lambda x: model(x)[0])
+    else:  # the DAE's code is a grid of S/4 x S/4; averaged to 4x4 it says what is in a photo more than where
+        encode, reconstruct = (lambda x: nn.functional.adaptive_avg_pool2d(model.encode(x), 4).flatten(1)), model
+    decode = None if name == "dae" else model.decode
+    return ({"encode": lambda images: in_batches(encode, images, device),
+             "reconstruct": lambda images: in_batches(reconstruct, images, device).clamp(0, 1),
+             "decode": decode and (lambda codes: in_batches(decode, codes, device))})
+
+
+def pca_functions(train_images, components):
+    """PCA by hand on the training pixels: the best linear code of `components` numbers."""
+    flat = train_images.flatten(1).double()
+    mean = flat.mean(0)
+    directions = torch.linalg.svd(flat - mean, full_matrices=False)[2][:components]  # (components, pixels)
+    shape = train_images.shape[1:]
+
+    def decode(codes):
+        return (codes.double() @ directions + mean).float().view(-1, *shape).clamp(0, 1)
+
+    def encode(images):
+        return ((images.flatten(1).double() - mean) @ directions.T).float()
+
+    return {"encode": encode, "reconstruct": lambda images: decode(encode(images)), "decode": decode}
+
+
+# ----------------------------------------------------------------------------- measures
+def psnr(outputs, images):
+    mse = ((outputs - images) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return (10 * torch.log10(1 / mse)).mean().item()
+
+
+def precision_at_5(codes, catalogue, column):
+    """Share of the 5 training products nearest to each test product (cosine of codes) with its label."""
+    train, test = catalogue.train_index, catalogue.test_index
+    neighbours = train[shop.search(codes[test], shop.unit(codes[train]), min(5, len(train)))]
+    labels = catalogue.metadata[column].tolist()
+    return shop.precision_at_k([labels[i] for i in test.tolist()], labels, neighbours)
+
+
+def linear_probe(train_codes, train_labels, test_codes, test_labels, steps=300):
+    """Test accuracy of a logistic regression trained on the training codes: how much of a label a
+    straight line can read off the code. Codes are standardised so every dimension counts alike."""
+    classes = sorted(set(train_labels))
+    mean, scale = train_codes.mean(0), train_codes.std(0).clamp_min(1e-6)
+    layer = nn.Linear(train_codes.shape[1], len(classes))
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.01, weight_decay=1e-4)
+    targets = torch.tensor([classes.index(label) for label in train_labels])
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(layer((train_codes - mean) / scale), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        predicted = layer((test_codes - mean) / scale).argmax(1).tolist()
+    return sum(classes[p] == label for p, label in zip(predicted, test_labels)) / len(test_labels)
+
+
+def frechet(a, b):
+    """Frechet distance between Gaussians fitted to two sets of feature rows:
+    ||m_a - m_b||^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)."""
+    a, b = a.double(), b.double()
+    covariance_a, covariance_b = torch.cov(a.T), torch.cov(b.T)
+    values, vectors = torch.linalg.eigh(covariance_a)
+    root = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T  # S_a^1/2
+    cross = torch.linalg.eigvalsh(root @ covariance_b @ root).clamp_min(0).sqrt().sum()
+    return (((a.mean(0) - b.mean(0)) ** 2).sum() + covariance_a.trace() + covariance_b.trace() - 2 * cross).item()
+
+
+def pixel_features(photos, components=32):
+    """Images -> their coordinates on the photos' first principal components of 16x16 thumbnails."""
+    reference = nn.functional.adaptive_avg_pool2d(photos, 16).flatten(1).double()
+    centre = reference.mean(0)
+    directions = torch.linalg.svd(reference - centre, full_matrices=False)[2][:components]
+    return lambda images: (nn.functional.adaptive_avg_pool2d(images, 16).flatten(1).double() - centre) @ directions.T
+
+
+class Classifier(nn.Module):
+    """A small CNN that tells ProductTypes apart; its 128 pooled features are what the FD compares."""
+
+    def __init__(self, classes):
+        super().__init__()
+        layers, previous = [], 3
+        for width in (32, 64, 128):
+            layers += [nn.Conv2d(previous, width, 3, 2, 1), nn.BatchNorm2d(width), nn.ReLU(),
+                       nn.Conv2d(width, width, 3, 1, 1), nn.BatchNorm2d(width), nn.ReLU()]
+            previous = width
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())  # (B, 128)
+        self.head = nn.Linear(128, classes)
+
+    def forward(self, images):
+        return self.head(self.features(images))
+
+
+def train_classifier(catalogue, args):
+    """The FD's classifier, trained on the training photos' ProductType (mirrored at random), seeded,
+    and cached in OUT/classifier.pt for these photos; prints its test accuracy."""
+    labels = catalogue.metadata["ProductType"].tolist()
+    classes = sorted(set(labels[i] for i in catalogue.train_index.tolist()))
+    key = hashlib.sha256(catalogue.images.numpy().tobytes() + f"{classes}{args.seed}{args.classifier_epochs}"
+                         .encode()).hexdigest()
+    cache, model = args.out / "classifier.pt", Classifier(len(classes))
+    if cache.is_file() and (saved := torch.load(cache, weights_only=True))["key"] == key:
+        model.load_state_dict(saved["state_dict"])
+        return model.to(args.device).eval()
+    torch.manual_seed(args.seed)
+    model.to(args.device)
+    images = catalogue.images[catalogue.train_index]
+    targets = torch.tensor([classes.index(labels[i]) for i in catalogue.train_index.tolist()])
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    generator, tick = torch.Generator().manual_seed(args.seed), time.time()
+    for _ in range(args.classifier_epochs):
+        model.train()
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(images), 64):
+            batch, target = images[order[start:start + 64]], targets[order[start:start + 64]]
+            mirrored = torch.rand(len(batch), generator=generator) < 0.5
+            batch = torch.where(mirrored.view(-1, 1, 1, 1), batch.flip(3), batch)
+            loss = nn.functional.cross_entropy(model(batch.to(args.device)), target.to(args.device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    test_labels = [labels[i] for i in catalogue.test_index.tolist()]
+    predicted = in_batches(model, catalogue.images[catalogue.test_index], args.device).argmax(1).tolist()
+    accuracy = np.mean([classes[p] == label for p, label in zip(predicted, test_labels)])
+    print(f"FD classifier: {len(classes)} ProductTypes, test accuracy {accuracy:.3f} ({time.time() - tick:.0f} s)")
+    torch.save({"key": key, "state_dict": model.state_dict()}, cache.with_suffix(".tmp"))
+    os.replace(cache.with_suffix(".tmp"), cache)
+    return model
+
+
+def fit_and_sample(codes, count, generator):
+    """`count` codes from a Gaussian fitted to `codes`, as ae.py and vae.py sample."""
+    return ae.sample_codes(ae.fit_code_distribution(codes), count, generator)
+
+
+# ----------------------------------------------------------------------------- the table
+def measure(name, functions, catalogue, features, args):
+    images, metadata, train, test = catalogue.images, catalogue.metadata, catalogue.train_index, catalogue.test_index
+    noisy = dae.add_noise(images[test], "gaussian", args.noise, torch.Generator().manual_seed(args.seed))
+    codes = functions["encode"](images)
+    row = {"model": name, "code_size": codes.shape[1]}
+    if functions["reconstruct"] is None:  # the raw pixels are their own reconstruction
+        row.update(psnr_clean=None, psnr_noisy=psnr(noisy, images[test]))
+    else:
+        row.update(psnr_clean=psnr(functions["reconstruct"](images[test]), images[test]),
+                   psnr_noisy=psnr(functions["reconstruct"](noisy), images[test]))
+    for column in ("ProductType", "Colour"):
+        labelled = (metadata[column] != "").any()
+        row[f"precision@5_{column}"] = precision_at_5(codes, catalogue, column) if labelled else None
+    for column in ("ProductType", "Category"):
+        labels, labelled = metadata[column].tolist(), (metadata[column] != "").any()
+        row[f"probe_{column}"] = linear_probe(codes[train], [labels[i] for i in train.tolist()], codes[test],
+                                              [labels[i] for i in test.tolist()]) if labelled else None
+    draws = {}
+    if functions["decode"] is not None:
+        draws["fitted"] = functions["decode"](fit_and_sample(codes[train], args.samples,
+                                                             torch.Generator().manual_seed(args.seed)))
+    if name.startswith("vae"):
+        prior = torch.randn(args.samples, codes.shape[1], generator=torch.Generator().manual_seed(args.seed))
+        draws["prior"] = functions["decode"](prior)
+    for kind, samples in draws.items():
+        row[f"classifier_fd_{kind}"] = frechet(features["classifier"](samples), features["classifier_train"])
+        row[f"pixel_fd_{kind}"] = frechet(features["pixels"](samples), features["pixels_train"])
+    return row, draws
+
+
+def cell(value, digits=3):
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
+
+
+def markdown_table(rows):
+    lines = ["| | clean PSNR (dB) | PSNR, noise 0.1 in | code size | precision@5 type / colour | "
+             "probe type / category | classifier FD | pixel FD | s/epoch | parameters |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        classifier_fd = cell(row.get("classifier_fd_fitted"), 1) + (
+            f" (prior {row['classifier_fd_prior']:,.1f})" if "classifier_fd_prior" in row else "")
+        pixel_fd = cell(row.get("pixel_fd_fitted"), 2) + (
+            f" (prior {row['pixel_fd_prior']:,.2f})" if "pixel_fd_prior" in row else "")
+        lines.append(f"| {row['model']} | {cell(row['psnr_clean'], 2)} | {cell(row['psnr_noisy'], 2)} | "
+                     f"{cell(row['code_size'])} | {cell(row['precision@5_ProductType'])} / "
+                     f"{cell(row['precision@5_Colour'])} | {cell(row['probe_ProductType'])} / "
+                     f"{cell(row['probe_Category'])} | {classifier_fd} | {pixel_fd} | "
+                     f"{cell(row.get('seconds_per_epoch'), 2)} | {cell(row.get('parameters'))} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.device = select_device(args.device)
+    torch.set_flush_denormal(True)
+    loaded = {name: load_model(name, getattr(args, name), args.device) for name in SCRIPTS}
+    sizes = {name: state["args"]["image_size"] for name, (_, state) in loaded.items()}
+    if len(set(sizes.values())) > 1:
+        raise SystemExit("error: the three models were trained at different --image-size: " +
+                         ", ".join(f"{name} {size}" for name, size in sizes.items()))
+    catalogue = load_catalogue(args.data, sizes["ae"])
+    args.out.mkdir(parents=True, exist_ok=True)
+    train_images = catalogue.images[catalogue.train_index]
+    classifier = train_classifier(catalogue, args)
+    to_pixels = pixel_features(train_images)
+    features = {"classifier": lambda images: in_batches(classifier.features, images, args.device),
+                "pixels": to_pixels, "pixels_train": to_pixels(train_images)}
+    features["classifier_train"] = features["classifier"](train_images)
+    candidates = {f"{name}.py": model_functions(name, model, args.device) for name, (model, _) in loaded.items()}
+    candidates["raw pixels"] = {"encode": lambda images: (1 - images).flatten(1), "reconstruct": None, "decode": None}
+    components = loaded["ae"][1]["args"]["latent_dim"]
+    candidates[f"PCA, {components} components"] = pca_functions(train_images, components)
+    rows, outputs = [], {}
+    for name, functions in candidates.items():
+        row, _ = measure(name, functions, catalogue, features, args)
+        script = name.split(".")[0]
+        if script in loaded:  # what training cost, read from the checkpoint
+            model, state = loaded[script]
+            row["seconds_per_epoch"] = float(np.median([h["seconds"] for h in state["history"]]))
+            row["parameters"] = sum(p.numel() for p in model.parameters())
+        if functions["reconstruct"] is not None:
+            shown = catalogue.test_index[torch.linspace(0, len(catalogue.test_index) - 1, 8).long()]
+            outputs[name] = functions["reconstruct"](catalogue.images[shown])
+        rows.append(row)
+        print(f"measured {name}", flush=True)
+    floor = {"classifier_fd": frechet(features["classifier"](catalogue.images[catalogue.test_index]),
+                                      features["classifier_train"]),
+             "pixel_fd": frechet(to_pixels(catalogue.images[catalogue.test_index]), features["pixels_train"])}
+    table = markdown_table(rows)
+    note = (f"FD floor, the {len(catalogue.test_index)} test photos against the training photos: classifier "
+            f"{floor['classifier_fd']:.1f}, pixel {floor['pixel_fd']:.2f}")
+    print(table + "\n" + note)
+    (args.out / "table.md").write_text(table + "\n\n" + note + "\n")
+    (args.out / "summary.json").write_text(json.dumps({"rows": rows, "floor": floor}, indent=1))
+    tag = " [SYNTHETIC catalogue]" if catalogue.synthetic else ""
+    show_rows(list(outputs.values()), [name.replace(".py", "").upper() if ".py" in name else "PCA" for name in outputs],
+              "The same 8 test products, reconstructed from clean photos" + tag, args.out / "same_products.png")
+
+
+if __name__ == "__main__":
+    main()

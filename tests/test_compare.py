@@ -1,0 +1,89 @@
+"""compare.py: the three models and two baselines on the same axes, and the measures it uses."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import ImageFilter
+
+import ae
+import common
+import compare
+import dae
+import vae
+
+
+@pytest.fixture
+def three_models(tmp_path, monkeypatch):
+    """The three scripts trained for one epoch on the synthetic catalogue, at 32 px."""
+    monkeypatch.setattr(common, "DEFAULT_DATA", tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    flags = ["--image-size", "32", "--latent-dim", "8", "--batch-size", "64", "--device", "cpu", "--epochs", "1"]
+    for script in (ae, dae, vae):
+        script.main([*flags, "--out", str(tmp_path / script.__name__)])
+    return [f"--{name}={tmp_path / name / 'model.pt'}" for name in ("ae", "dae", "vae")]
+
+
+def test_every_model_and_baseline_gets_every_column(three_models, tmp_path, capsys):
+    compare.main([*three_models, "--out", str(tmp_path / "compare"), "--samples", "60", "--classifier-epochs", "1",
+                  "--device", "cpu"])
+    rows = json.loads((tmp_path / "compare" / "summary.json").read_text())["rows"]
+    assert [row["model"] for row in rows] == ["ae.py", "dae.py", "vae.py", "raw pixels", "PCA, 8 components"]
+    for row in rows:
+        for key in ("psnr_noisy", "code_size", "precision@5_ProductType", "precision@5_Colour", "probe_ProductType",
+                    "probe_Category"):
+            assert row[key] is not None, (row["model"], key)
+    by_name = {row["model"]: row for row in rows}
+    assert by_name["dae.py"]["code_size"] == 8 * 16  # its grid averaged to 4x4
+    assert "classifier_fd_fitted" not in by_name["dae.py"]  # a code alone cannot be decoded
+    assert {"classifier_fd_fitted", "classifier_fd_prior"} <= set(by_name["vae.py"])
+    assert by_name["ae.py"]["parameters"] > 1000 and by_name["ae.py"]["seconds_per_epoch"] > 0
+    assert by_name["raw pixels"]["psnr_clean"] is None and by_name["PCA, 8 components"]["psnr_clean"] > 10
+    table = (tmp_path / "compare" / "table.md").read_text()
+    assert table.count("\n| ") == 5  # a row for each model and baseline, under the header
+    printed = capsys.readouterr().out
+    assert all(line in printed for line in table.splitlines())  # the table printed is the table written
+    assert (tmp_path / "compare" / "same_products.png").is_file()
+
+
+def test_a_missing_model_is_a_one_line_error_naming_it(tmp_path):
+    with pytest.raises(SystemExit, match="--ae .*nowhere.pt: no such file .*python ae.py"):
+        compare.main(["--ae", str(tmp_path / "nowhere.pt")])
+
+
+def test_the_classifier_distance_is_zero_for_a_set_against_itself_and_grows_with_blur(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "DEFAULT_DATA", tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    catalogue = common.load_catalogue(None, image_size=32)
+    args = SimpleNamespace(out=tmp_path, seed=0, classifier_epochs=2, device=torch.device("cpu"))
+    classifier = compare.train_classifier(catalogue, args)
+    photos = catalogue.images[catalogue.train_index]
+    features = compare.in_batches(classifier.features, photos, args.device)
+    assert abs(compare.frechet(features, features)) < 1e-6
+    distances = [compare.frechet(compare.in_batches(classifier.features, dae.pillow_filter(
+        photos, ImageFilter.GaussianBlur(radius)), args.device), features) for radius in (0.5, 1.5, 3)]
+    assert 0 < distances[0] < distances[1] < distances[2]
+    assert (tmp_path / "classifier.pt").is_file()  # cached: a second run loads it
+    reloaded = compare.train_classifier(catalogue, args)
+    assert torch.equal(reloaded.head.weight, classifier.head.weight)
+
+
+def test_the_linear_probe_reads_separable_labels_and_not_shuffled_ones():
+    torch.manual_seed(0)
+    labels = ["shoe", "shirt"] * 100
+    codes = torch.randn(200, 16)
+    codes[:, 3] += torch.tensor([4.0 if label == "shoe" else -4.0 for label in labels])  # one dimension tells
+    assert compare.linear_probe(codes[:150], labels[:150], codes[150:], labels[150:]) == 1.0
+    shuffled = [labels[i] for i in torch.randperm(200).tolist()]
+    assert 0.25 < compare.linear_probe(codes[:150], shuffled[:150], codes[150:], shuffled[150:]) < 0.75
+
+
+def test_the_pixel_frechet_distance_is_zero_for_the_same_set_and_grows_with_the_difference():
+    torch.manual_seed(0)
+    photos = torch.rand(300, 3, 16, 16)
+    to_features = compare.pixel_features(photos)
+    reference = to_features(photos)
+    assert abs(compare.frechet(reference, reference)) < 1e-6
+    assert 0 < compare.frechet(to_features(photos * 0.9), reference) < compare.frechet(to_features(photos * 0.5),
+                                                                                       reference)
