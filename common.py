@@ -21,6 +21,7 @@ import hashlib
 import math
 import os
 import random
+import shlex
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -388,8 +389,8 @@ def add_run_flags(parser, out, tools):
                         help="the model --figures-only, --resume or a tool loads; if not given, OUT/model.pt")
     if tools:  # ae.py and vae.py: sampling, and search on the model's codes
         parser.add_argument("--num-samples", type=int, default=0, help="also write N new products to OUT/samples/")
-        parser.add_argument("--query", default=None, help="a photo file or a ProductId: print the products most "
-                                                          "like it")
+        parser.add_argument("--query", nargs="+", default=None, metavar="PHOTO_OR_PRODUCTID",
+                            help="photo files or ProductIds: print the products most like each")
         parser.add_argument("--top", type=int, default=5, help="how many products --query lists")
         parser.add_argument("--duplicates", type=float, nargs="?", const=0.99, default=None, metavar="SIMILARITY",
                             help="list groups of products whose codes have at least this cosine similarity")
@@ -417,8 +418,11 @@ def start_run(script, args, defaults, model_flags, training_flags, load):
     """Print the command that reruns this run, load the checkpoint when `load` (checked before the
     photos are read, so a wrong file fails at once), seed, pick the device. Returns the checkpoint's
     path and its contents (None when nothing was loaded)."""
-    print(script, *[flag_name(k) + ("" if v is True else f" {v}") for k, v in vars(args).items()
-                    if v != defaults[k] and k != "data"], "--data", data_folder(args.data))
+    def value(v):  # as a shell reads it back: a list as its items, a name with spaces quoted
+        return " ".join(shlex.quote(str(item)) for item in (v if isinstance(v, list) else [v]))
+
+    print(script, *[flag_name(k) + ("" if v is True else f" {value(v)}") for k, v in vars(args).items()
+                    if v != defaults[k] and k != "data"], "--data", shlex.quote(str(data_folder(args.data))))
     checkpoint = args.checkpoint or args.out / "model.pt"
     flags = model_flags + (training_flags if args.resume else ())
     state = load_checkpoint(checkpoint, script, args, defaults, flags) if load else None

@@ -120,9 +120,11 @@ def psnr(outputs, images):
 
 
 def precision_at_5(codes, catalogue, column):
-    """Share of the 5 training products nearest to each test product (cosine of codes) with its label."""
+    """Share of the 5 training products nearest to each test product (cosine of codes, distinct
+    products: a photo listed twice counts once) with its label."""
     train, test = catalogue.train_index, catalogue.test_index
-    neighbours = train[shop.search(codes[test], shop.unit(codes[train]), min(5, len(train)))]
+    groups = catalogue.groups[train]
+    neighbours = train[shop.search(codes[test], shop.unit(codes[train]), min(5, len(groups.unique())), groups)]
     labels = catalogue.metadata[column].tolist()
     return shop.precision_at_k([labels[i] for i in test.tolist()], labels, neighbours)
 

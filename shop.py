@@ -47,7 +47,8 @@ def figures(name, encode, decode_codes, codes, losses, catalogue, tag, args):
                   [f"+{s} x black" for s in strengths], 'Attribute edit: adding the "Black" direction' + tag,
                   out / "attribute_edit.png")
     # Catalogue QA: the test products the model finds hardest, by their own loss.
-    worst = catalogue.test_index[losses.argsort(descending=True)[:8]]
+    order = catalogue.test_index[losses.argsort(descending=True)].tolist()
+    worst = torch.tensor(first_of_each_group(order, catalogue.groups, 8))  # one photo listed twice shows once
     show_rows([images[worst], decode_codes(codes[worst])], ["photo", name],
               f"Catalogue QA: the 8 test products with the highest {name} loss" + tag, out / "catalogue_qa.png")
 
@@ -63,10 +64,27 @@ def cosine_similarity(queries, catalogue):
     return unit(queries) @ unit(catalogue).T
 
 
-def search(queries, index, k=5):
+def search(queries, index, k=5, groups=None):
     """Indices (into index) of the k most similar rows for each query row, best first. The index is
-    built once, with unit(), so a query costs one matrix product."""
-    return (unit(queries) @ index.T).topk(k, dim=1).indices  # (N_queries, k)
+    built once, with unit(), so a query costs one matrix product. With `groups` (a near-copy group
+    id per index row) the k rows are k distinct products: one photo listed twice counts once."""
+    similarity = unit(queries) @ index.T  # (N_queries, N_index)
+    if groups is None:
+        return similarity.topk(k, dim=1).indices  # (N_queries, k)
+    # Among the k x (largest group) best rows there are always k groups; keep each group's first.
+    largest = int(torch.bincount(groups).max())
+    candidates = similarity.topk(min(len(index), k * largest), dim=1).indices.tolist()
+    return torch.tensor([first_of_each_group(row, groups, k) for row in candidates])
+
+
+def first_of_each_group(rows, groups, k):
+    """The first k of `rows` whose groups have not been seen before them."""
+    seen, kept = set(), []
+    for row in rows:
+        if len(kept) < k and int(groups[row]) not in seen:
+            seen.add(int(groups[row]))
+            kept.append(row)
+    return kept
 
 
 def precision_at_k(query_labels, catalogue_labels, neighbours):
@@ -81,10 +99,11 @@ def evaluate_search(encode, catalogue, args):
     photo, then search), into OUT/search.csv. Returns the neighbours (N_test, 5)."""
     images, metadata, train, test = catalogue.images, catalogue.metadata, catalogue.train_index, catalogue.test_index
     index, k = unit(encode(images[train])), min(5, len(train))
-    neighbours = train[search(encode(images[test]), index, k)]  # (N_test, k) catalogue rows
+    k = min(k, len(catalogue.groups[train].unique()))
+    neighbours = train[search(encode(images[test]), index, k, catalogue.groups[train])]  # (N_test, k) catalogue rows
     tick = time.perf_counter()
     for i in test[:50].tolist():
-        search(encode(images[i:i + 1]), index, k)
+        search(encode(images[i:i + 1]), index, k, catalogue.groups[train])
     result = {"index_mb": index.numel() * 4 / 1e6, "ms_per_query": 1000 * (time.perf_counter() - tick) / len(test[:50])}
     for column in ("ProductType", "Colour"):
         if (metadata[column] != "").any():  # a folder without fashion.csv has no such labels
@@ -131,11 +150,12 @@ def catalogue_codes(encode, catalogue, checkpoint, out):
     return codes
 
 
-def run_tools(encode, catalogue, checkpoint, args):
-    """--query and --duplicates: both search the whole catalogue, with codes computed once and cached."""
+def run_tools(encode, loss, catalogue, checkpoint, args):
+    """--query and --duplicates: both search the whole catalogue, with codes computed once and cached.
+    `loss` gives each photo's own loss, the model's measure of how unusual a photo is."""
     codes = catalogue_codes(encode, catalogue, checkpoint, args.out)
     if args.query is not None:
-        more_like_this(encode, catalogue, codes, args)
+        more_like_this(encode, loss, catalogue, codes, args)
     if args.duplicates is not None:
         find_duplicates(catalogue, codes, args)
 
@@ -144,33 +164,51 @@ def describe(metadata, row, *columns):
     return [str(metadata.at[row, column]) if column in metadata else "" for column in columns]
 
 
-def more_like_this(encode, catalogue, codes, args):
-    """Print and draw the --top catalogue products most like the --query photo (a file or a ProductId)."""
-    images, metadata = catalogue.images, catalogue.metadata
-    if Path(args.query).is_file():  # a photo of the user's, framed as the catalogue's photos are
-        pixels = decode(Path(args.query), args.image_size)
+def read_query(query, catalogue, image_size):
+    """A --query: a photo file, framed as the catalogue's photos are, or a catalogue ProductId."""
+    metadata = catalogue.metadata
+    if Path(query).is_file():
+        pixels = decode(Path(query), image_size)
         if pixels is None:
-            raise SystemExit(f"error: --query {args.query}: not a readable image")
-        query, name = torch.tensor(pixels).permute(2, 0, 1).float() / 255, Path(args.query).stem
-    elif (metadata["ProductId"] == args.query).any():
-        query, name = images[(metadata["ProductId"] == args.query).values.argmax()], args.query
-    else:
-        raise SystemExit(f"error: --query {args.query}: no such file, and no product with this ProductId")
-    # The answer is never the query itself or a copy of it: catalogue photos near-identical to the
-    # query, and every photo of their near-copy groups, are left out.
-    error = ((thumbnails(query[None]) - thumbnails(images)) ** 2).mean(1)  # (N,)
-    copies = torch.isin(catalogue.groups, catalogue.groups[error < 10 ** (-NEAR_COPY_PSNR / 10)])
-    similarity = cosine_similarity(encode(query[None]), codes)[0]
-    similarity[copies] = -math.inf
-    best = similarity.topk(min(args.top, int((~copies).sum()))).indices
-    print(f"products most like {args.query} "
-          f"({int(copies.sum())} catalogue photos left out: the photo itself or its copies):")
-    for rank, row in enumerate(best.tolist(), 1):
-        product_id, product_type, colour, title = describe(metadata, row, "ProductId", "ProductType", "Colour",
-                                                           "ProductTitle")
-        print(f"  {rank:2d}. {product_id:>8s}  {product_type:14s} {colour:10s} {title[:50]:50s} {similarity[row]:.3f}")
-    show_rows([torch.cat([query[None], images[best]])], [name], f"More like {name}", args.out / f"query_{name}.png",
-              ["query"] + [f"{similarity[row]:.3f}" for row in best.tolist()])
+            raise SystemExit(f"error: --query {query}: not a readable image")
+        return torch.tensor(pixels).permute(2, 0, 1).float() / 255, Path(query).stem
+    if (metadata["ProductId"] == query).any():
+        return catalogue.images[(metadata["ProductId"] == query).values.argmax()], query
+    raise SystemExit(f"error: --query {query}: no such file, and no product with this ProductId")
+
+
+def more_like_this(encode, loss, catalogue, codes, args):
+    """Print and draw the --top catalogue products most like each --query photo: distinct products
+    (a photo listed under several ProductIds is one answer, its other listings named on its line),
+    never the query itself or a copy of it. A photo unlike the catalogue is said to be so."""
+    images, metadata = catalogue.images, catalogue.metadata
+    queries = [read_query(query, catalogue, args.image_size) for query in args.query]  # all read before any answer
+    # An autoencoder knows what it was trained on: a photo it reconstructs worse than 99 % of the
+    # test photos is unlike the catalogue, and its nearest codes need not be similar products.
+    usual = loss(images[catalogue.test_index]).quantile(0.99).item()
+    for (query, name), asked in zip(queries, args.query):
+        # Catalogue photos near-identical to the query, and every photo of their groups, are left out.
+        error = ((thumbnails(query[None]) - thumbnails(images)) ** 2).mean(1)  # (N,)
+        copies = torch.isin(catalogue.groups, catalogue.groups[error < 10 ** (-NEAR_COPY_PSNR / 10)])
+        similarity = cosine_similarity(encode(query[None]), codes)[0]
+        similarity[copies] = -math.inf
+        order = similarity.argsort(descending=True)[:int((~copies).sum())].tolist()
+        best = first_of_each_group(order, catalogue.groups, args.top)
+        print(f"products most like {asked} "
+              f"({int(copies.sum())} catalogue photos left out: the photo itself or its copies):")
+        query_loss = loss(query[None]).item()
+        if query_loss > usual:
+            print(f"note: {asked} is unlike the catalogue: the model reconstructs it worse (loss {query_loss:.1f}) "
+                  f"than 99 % of the test photos ({usual:.1f}), so these are the nearest codes, not sure matches")
+        for rank, row in enumerate(best, 1):
+            product_id, product_type, colour, title = describe(metadata, row, "ProductId", "ProductType", "Colour",
+                                                               "ProductTitle")
+            others = [metadata.at[i, "ProductId"] for i in (catalogue.groups == catalogue.groups[row]).nonzero()
+                      .flatten().tolist() if i != row]
+            print(f"  {rank:2d}. {product_id:>8s}  {product_type:14s} {colour:10s} {title[:50]:50s} {similarity[row]:.3f}"
+                  + (f"  (also listed as {', '.join(others)})" if others else ""))
+        show_rows([torch.cat([query[None], images[best]])], [name], f"More like {name}",
+                  args.out / f"query_{name}.png", ["query"] + [f"{similarity[row]:.3f}" for row in best])
 
 
 def identical_file_pairs(catalogue):
@@ -208,8 +246,10 @@ def find_duplicates(catalogue, codes, args):
     found, identical = {(i, j) for i, j in pairs if i < j}, identical_file_pairs(catalogue)
     print(f"{len(found)} pairs of products; of the catalogue's {len(identical)} pairs of byte-identical files, "
           f"{len(found & identical)} are among them, and {len(found - identical)} pairs are other photos")
-    if members:
-        show_rows([catalogue.images[m] for m in members], [f"group {n}" for n in range(1, len(members) + 1)],
+    if members:  # each row labelled with its ProductIds
+        labels = [f"{n}: " + ", ".join(metadata.at[i, "ProductId"] for i in m.tolist())[:28] for n, m in
+                  enumerate(members, 1)]
+        show_rows([catalogue.images[m] for m in members], labels,
                   "Duplicate listings: products whose codes are nearly identical", args.out / "duplicates.png")
 
 

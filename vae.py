@@ -325,7 +325,8 @@ def main(argv=None):
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
     prepare_out(SCRIPT, args, catalogue, state, training=not (args.figures_only or tool))
     if tool:
-        return shop.run_tools(lambda batch: encode_all(model, batch, args), catalogue, checkpoint, args)
+        return shop.run_tools(lambda batch: encode_all(model, batch, args),
+                              lambda batch: loss_per_image(model, batch, args), catalogue, checkpoint, args)
 
     if not args.figures_only:
         code_distribution = train_model(model, train_images, test_images, history, samples_by_epoch, state, args)

@@ -1,12 +1,14 @@
 """ae.py: shapes, the loss, search and precision@k, training, end to end."""
 
 import csv
+import re
 import math
 
 import pytest
 import torch
 
 import ae
+import common
 from conftest import Constant, epoch_args, losses_over_steps, per_image_mean
 
 
@@ -137,6 +139,38 @@ def test_a_query_never_returns_itself_or_its_copies(trained_with_copies, tiny_ca
     ae.main([*trained_with_copies, "--query", "101", "--top", "3"])  # the catalogue's own product: the same answer
     assert [line.split()[1] for line in capsys.readouterr().out.splitlines()
             if line.strip()[:3] in ("1. ", "2. ", "3. ")] == listed
+
+
+def test_a_query_lists_distinct_products_and_names_their_other_listings(trained_with_copies, capsys):
+    # 26 photos, 24 products: asked for every product but the query's own, each is listed once.
+    ae.main([*trained_with_copies, "--query", "101", "--top", "30"])
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if re.match(r"\s+\d+\. ", line)]
+    listed = [line[1] for line in lines]
+    assert len(listed) == 23 and len({"110", "910"} & set(listed)) == 1
+    also = [" ".join(line) for line in lines if line[1] in ("110", "910")][0]
+    assert "also listed as " + ({"110", "910"} - set(listed)).pop() in also
+
+
+def test_a_photo_unlike_the_catalogue_is_flagged_and_a_catalogue_photo_is_not(smoke_flags, tiny_catalogue,
+                                                                              tmp_path, capsys):
+    from PIL import Image
+
+    ae.main([*smoke_flags, "--epochs", "40"])  # long enough to learn that products lie on white
+    noise = tmp_path / "noise.png"
+    Image.fromarray(torch.randint(0, 256, (64, 64, 3), generator=torch.Generator().manual_seed(0))
+                    .byte().numpy()).save(noise)
+    catalogue = common.load_catalogue(tiny_catalogue, image_size=32)
+    args = ae.parse_args(smoke_flags)
+    args.device = torch.device("cpu")
+    model = ae.Autoencoder(32, 8)
+    model.load_state_dict(torch.load(tmp_path / "out" / "model.pt", weights_only=True)["state_dict"])
+    losses = ae.loss_per_image(model, catalogue.images[catalogue.test_index], args)
+    usual = catalogue.metadata.at[catalogue.test_index[losses.argmin()].item(), "ProductId"]
+    capsys.readouterr()
+    ae.main([*smoke_flags, "--query", str(noise), usual])  # several queries in one run
+    printed = capsys.readouterr().out
+    assert f"note: {noise} is unlike the catalogue" in printed and f"note: {usual} is unlike" not in printed
+    assert (tmp_path / "out" / "query_noise.png").is_file() and (tmp_path / "out" / f"query_{usual}.png").is_file()
 
 
 @pytest.mark.parametrize("query", ["nowhere.jpg", "12345"])

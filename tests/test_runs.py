@@ -123,6 +123,19 @@ def test_the_first_line_is_a_command_that_reruns_the_run(synthetic, tmp_path, ca
     assert dae.parse_args(first.split()[1:]).epochs == 1  # it parses back
 
 
+def test_the_first_line_reruns_a_run_with_several_photos_and_spaces_in_names(smoke_flags, tmp_path, capsys):
+    import shlex
+
+    dae.main([*smoke_flags, "--epochs", "1"])
+    photos = [tmp_path / "a photo.png", tmp_path / "b.png"]
+    for photo in photos:
+        Image.new("RGB", (40, 36), "white").save(photo)
+    capsys.readouterr()
+    dae.main([*smoke_flags, "--clean", *map(str, photos)])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "[" not in first and dae.parse_args(shlex.split(first)[1:]).clean == list(map(str, photos))
+
+
 def test_a_synthetic_run_says_so_at_the_end_and_the_model_remembers_it(synthetic, tmp_path, capsys):
     vae.main([*synthetic, "--epochs", "1", "--out", str(tmp_path / "run")])
     assert "SYNTHETIC catalogue: not real results" in capsys.readouterr().out.splitlines()[-1]

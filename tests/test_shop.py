@@ -44,3 +44,12 @@ def test_the_attribute_direction_uses_training_products_only():
     direction = shop.attribute_direction(codes, metadata, train, "Colour", "Black", "Apparel")
     assert torch.equal(direction, codes[[0, 1]].mean(0) - codes[[2, 3]].mean(0))
     assert torch.equal(shop.attribute_direction(codes, metadata, train, "Colour", "Green", "Apparel"), torch.zeros(2))
+
+
+def test_search_with_groups_lists_each_product_once():
+    index = shop.unit(torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.9, 0.3], [0.5, 0.5], [0.0, 1.0]]))
+    groups = torch.tensor([0, 0, 1, 2, 3])  # rows 0 and 1: one photo listed twice
+    query = torch.tensor([[1.0, 0.0]])
+    assert shop.search(query, index, k=3).tolist() == [[0, 1, 2]]
+    assert shop.search(query, index, k=3, groups=groups).tolist() == [[0, 2, 3]]
+    assert shop.first_of_each_group([1, 0, 4, 2], groups, 2) == [1, 4]
