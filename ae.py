@@ -12,15 +12,13 @@ products have in common (a shoe's outline, a shirt's collar, a colour) and keep 
 one from another. That is what makes the code useful for search: similar products get similar
 codes. But 128 numbers are a description, not a copy: "a white sneaker with a red sole, facing
 left", never where each stitch is, so a reconstruction is as sharp as its description. And the
-codes of real photos fill a small, irregular part of the space: vae.py makes that space something
-to sample from.
+model knows what it was trained on: a photo unlike the catalogue (a face, a logo) comes back far
+worse than the catalogue's own, so its reconstruction error flags it. The codes of real photos
+fill a small, irregular part of the space: vae.py makes that space something to sample from.
 
-Run:    python ae.py --epochs 50
-Writes: out/ae/ - model.pt, metrics.csv, search.csv and the figures: reconstructions, samples,
-        samples_by_epoch, interpolations, attribute_edit, latent_map, loss_curves, catalogue_qa, search
-Again:  python ae.py --figures-only --num-samples 16   (redraw, plus 16 new products in samples/)
-Tools:  python ae.py --query PHOTO_OR_PRODUCTID        (the catalogue's products most like it)
-        python ae.py --duplicates                      (groups of listings that show the same product)
+Run:    python ae.py --epochs 50    (model.pt, metrics.csv, search.csv and the figures in out/ae/)
+Again:  python ae.py --figures-only --num-samples 16 --product-type Tshirts   (16 new T-shirts in samples/)
+Tools:  python ae.py --query PHOTO_OR_PRODUCTID ...    python ae.py --duplicates    (more like this; copies)
 """
 
 import argparse
@@ -31,8 +29,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import (REPO, add_run_flags, check_flags, end_epoch, epoch_row, load_catalogue, log_epoch, plot_curves,
-                    prepare_out, resume_training, save_images, show_rows, start_run, stop_cleanly)
+from common import (REPO, add_run_flags, check_flags, chosen_mixture, end_epoch, epoch_row, load_catalogue, log_epoch,
+                    plot_curves, prepare_out, product_kinds, resume_training, save_images, show_rows, start_run,
+                    stop_cleanly)
 import shop
 
 
@@ -40,12 +39,11 @@ import shop
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # training
+    # training and model
     parser.add_argument("--epochs", type=int, default=50, help="passes over the training set")
     parser.add_argument("--batch-size", type=int, default=48, help="images per optimisation step")
     parser.add_argument("--lr", type=float, default=4e-3, help="Adam's peak learning rate (one cycle)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the model, the batches and the figures")
-    # model
     parser.add_argument("--latent-dim", type=int, default=128, help="size of the code z")
     parser.add_argument("--image-size", type=int, default=64, help="photos are resized to this (multiple of 16)")
     # data, device, outputs, a saved run and the shop's tools: the same in every script
@@ -65,21 +63,17 @@ TRAINING_FLAGS = ("epochs", "batch_size", "lr", "seed")  # how it was trained: t
 
 # ----------------------------------------------------------------------------- model
 class Autoencoder(nn.Module):
-    """Stride-2 convolutions take the photo to an 8x8 grid of 64 features, a linear layer
-    makes the code; the decoder mirrors them. Its transposed convolutions have kernel 4 and stride 2:
-    a kernel the stride divides covers every output pixel equally often, while a 3x3 kernel with
-    stride 2 covers alternate pixels once and twice and paints a checkerboard over every image
-    (Odena et al. 2016, "Deconvolution and Checkerboard Artifacts"). Kept small for a 2-core CPU:
-    16 to 64 channels, and an 8x8 grid (not 4x4) so the linear layer sees where things are.
-    """
+    """Stride-2 convolutions take the photo to an 8x8 grid of 64 features (16 to 64 channels: small
+    for a CPU), a linear layer makes the code; the decoder mirrors them. Its transposed convolutions
+    have kernel 4, which stride 2 divides, so every output pixel is covered equally often; 3x3 paints
+    a checkerboard (Odena et al. 2016, "Deconvolution and Checkerboard Artifacts")."""
 
     def __init__(self, image_size=64, latent_dim=128, channels=(16, 32, 64)):
         super().__init__()
         if image_size < 32 or image_size % 16:
             raise SystemExit(f"error: --image-size {image_size}: must be a multiple of 16, at least 32")
-        # A larger photo gets more levels in front, never a larger grid: Adam moves each weight by
-        # about lr a step, so a linear layer's output moves by about lr x its inputs, and 16x16x64
-        # inputs (128 px) make steps too big for the code.
+        # A larger photo gets more levels in front, never a larger grid: Adam moves each weight by ~lr
+        # a step, so a linear layer's output moves by ~lr x its inputs, too far with 16x16x64 of them.
         grid, widths = image_size // 8, list(channels)
         while grid > 8 and grid % 2 == 0:
             grid, widths = grid // 2, [widths[0]] + widths
@@ -164,10 +158,9 @@ def run_epoch(model, images, args, optimizer=None, generator=None, schedule=None
     return dict(zip([*losses, "psnr"], (sums / len(images)).tolist()))
 
 
-def train_model(model, train_images, test_images, history, samples_by_epoch, state, args):
-    """The training loop: --epochs passes over the training photos, each followed by a test pass,
-    the model saved after each. Goes on from `state` with --resume. Returns the fit of the final
-    model's codes (see fit_code_distribution), or None if it stopped before its last epoch."""
+def train_model(model, train_images, train_kinds, test_images, history, samples_by_epoch, state, args):
+    """--epochs passes over the training photos, each followed by a test pass and a checkpoint (goes on
+    from `state` with --resume). Returns fit_code_distribution of the final model's codes."""
     # fused: one kernel updates every weight at once, less time per step on a CPU.
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=ADAM_BETAS, fused=True)
     # One cycle, stepped after each batch: the learning rate climbs from lr/25 to --lr over the
@@ -187,8 +180,8 @@ def train_model(model, train_images, test_images, history, samples_by_epoch, sta
             test = run_epoch(model, test_images, args)
             row = epoch_row(epoch, train, test, time.time() - tick, len(train_images), args)
             if epoch in SNAPSHOTS or epoch == args.epochs:  # training at work: where the codes are now
-                fitted = fit_code_distribution(encode_all(model, train_images, args))
-                samples_by_epoch.append((epoch, decode_samples(model, fitted, 10, args.seed + 1, args)))
+                fitted = fit_code_distribution(encode_all(model, train_images, args), train_kinds)
+                samples_by_epoch.append((epoch, decode_samples(model, fitted["kinds"], 10, args.seed + 1, args)))
             if epoch == args.epochs:  # the model is final: keep the fit, for sampling
                 code_distribution = fitted
             end_epoch(SCRIPT, model, history, row, args, optimizer, schedule, generator,
@@ -220,34 +213,55 @@ def loss_per_image(model, images, args):
 
 
 # ----------------------------------------------------------------------------- sampling
-def fit_code_distribution(codes, ridge=RIDGE):
-    """A Gaussian with full covariance fitted to the training codes.
-
-    Codes fill a small, tilted region of the space (in a VAE too: the KL term pulls them towards
-    N(0, I) but never all the way), so z ~ N(0, I) often lands where no product's code is. Sampling
-    from a Gaussian fitted to where the codes really are ("ex-post density estimation", Ghosh et
-    al. 2019, "From Variational to Deterministic Autoencoders") draws products, not smudges.
-    """
-    covariance = torch.cov(codes.T) + ridge * torch.eye(codes.shape[1])  # (latent, latent)
-    return {"mean": codes.mean(0), "covariance": covariance}
+def fit_gaussian(codes, ridge=RIDGE):
+    """The mean and full covariance of a set of codes (N, latent); the ridge keeps it invertible."""
+    covariance = torch.cov(codes.T) if len(codes) > 1 else torch.zeros(codes.shape[1], codes.shape[1])
+    return {"mean": codes.mean(0), "covariance": covariance + ridge * torch.eye(codes.shape[1]), "weight": 1.0}
 
 
-def sample_codes(distribution, count, generator):
-    """z = mean + L eps, eps ~ N(0, I), with L L^T = covariance (Cholesky): z has that mean and covariance."""
-    eps = torch.randn(count, len(distribution["mean"]), generator=generator)
-    return distribution["mean"] + eps @ torch.linalg.cholesky(distribution["covariance"]).T
+def fit_code_distribution(codes, kinds):
+    """A Gaussian fitted to the training codes of each kind of product, and one fitted to them all.
+
+    Codes fill a small, tilted region of the space (in a VAE too: the KL pulls them towards N(0, I),
+    never all the way), so z ~ N(0, I) often lands where no product's code is; a Gaussian fitted to
+    where the codes are (Ghosh et al. 2019, "From Variational to Deterministic Autoencoders") draws
+    products. And the codes are a cluster per kind of product, not one blob: a mixture of one
+    Gaussian per kind, weighted by its share, fits them. A kind with n photos keeps n / (n + latent)
+    of its own covariance and borrows the rest from all codes, so a rare kind still gets one."""
+    everything, per_kind = fit_gaussian(codes), {}
+    for kind in sorted(set(kinds)):
+        members = codes[[i for i, label in enumerate(kinds) if label == kind]]
+        own, share = fit_gaussian(members), len(members) / (len(members) + codes.shape[1])
+        per_kind[kind] = {"mean": own["mean"], "weight": len(members) / len(codes),
+                          "covariance": share * own["covariance"] + (1 - share) * everything["covariance"]}
+    return {"all": {"all": everything}, "kinds": per_kind}
+
+
+def sample_codes(mixture, count, generator):
+    """`count` codes from a mixture of Gaussians ({name: {mean, covariance, weight}}): each code's
+    Gaussian drawn by weight, then z = mean + L eps, eps ~ N(0, I), with L L^T = covariance."""
+    names = list(mixture)
+    picks = torch.multinomial(torch.tensor([mixture[name]["weight"] for name in names]), count, True,
+                              generator=generator)
+    eps = torch.randn(count, len(mixture[names[0]]["mean"]), generator=generator)
+    z = torch.empty_like(eps)
+    for index, name in enumerate(names):
+        chosen = picks == index
+        z[chosen] = mixture[name]["mean"] + eps[chosen] @ torch.linalg.cholesky(mixture[name]["covariance"]).T
+    return z
 
 
 @torch.no_grad()
-def decode_samples(model, distribution, count, seed, args):
-    """`count` new products: codes drawn from `distribution` with a seeded generator, decoded."""
-    z = sample_codes(distribution, count, torch.Generator().manual_seed(seed))
+def decode_samples(model, mixture, count, seed, args):
+    """`count` new products: codes drawn from `mixture` with a seeded generator, decoded."""
+    z = sample_codes(mixture, count, torch.Generator().manual_seed(seed))
     return model.eval().decode(z.to(args.device)).float().cpu()
 
 
 def write_samples(model, code_distribution, count, args):
-    """`count` new products, sampled where the training codes are, as PNG files in OUT/samples/."""
-    save_images(decode_samples(model, code_distribution, count, args.seed + 2, args), args.out / "samples")
+    """`count` new products as PNG files in OUT/samples/: of --product-type, or of every type."""
+    mixture = chosen_mixture(code_distribution, args.product_type)  # {type: its Gaussian}
+    save_images(decode_samples(model, mixture, count, args.seed + 2, args), args.out / "samples")
 
 
 # ============================================================================= the lesson ends here
@@ -262,17 +276,14 @@ def make_figures(model, catalogue, history, code_distribution, samples_by_epoch,
     def decode(z):
         return model.eval().decode(z.to(args.device)).float().cpu()
 
-    samples = decode_samples(model, code_distribution, 20, args.seed, args)
-    show_rows(list(samples.split(10)), ["fitted", "fitted"],
-              "Codes drawn from a Gaussian fitted to the training codes, decoded" + tag, args.out / "samples.png")
-    if samples_by_epoch:  # only training can draw this one: --figures-only redraws it from the checkpoint
-        show_rows([s for _, s in samples_by_epoch], [f"epoch {e}" for e, _ in samples_by_epoch],
-                  "The same 10 draws from a Gaussian fitted to the codes, as training goes on" + tag,
-                  args.out / "samples_by_epoch.png")
+    rows, labels = shop.sample_rows(lambda mixture: decode_samples(model, mixture, 10, args.seed, args),
+                                    code_distribution["kinds"])
+    show_rows(rows, labels, "New products: codes drawn from the Gaussian fitted to each type's codes (mixture: "
+              "every type)" + tag, args.out / "samples.png")
     plot_curves(history, {"loss": "reconstruction loss per image", "psnr": "PSNR (dB)"}, args.out / "loss_curves.png",
                 log=("loss",))
     losses = loss_per_image(model, catalogue.images[catalogue.test_index], args)
-    shop.figures("AE", encode, decode, encode(catalogue.images), losses, catalogue, tag, args)
+    shop.figures(samples_by_epoch, "AE", encode, decode, encode(catalogue.images), losses, catalogue, tag, args)
 
 
 def main(argv=None):
@@ -287,21 +298,20 @@ def main(argv=None):
     code_distribution = state.get("code_distribution") if state else None
     samples_by_epoch = state["samples_by_epoch"] if state else []  # [(epoch, images)], kept in the checkpoint
     if args.figures_only and args.num_samples:  # the checkpoint is all that sampling needs: no photos
-        if code_distribution is None:
-            raise SystemExit(f"error: --num-samples: {checkpoint} is a run stopped at epoch {len(history)} of "
-                             f"{state['args']['epochs']}, with no code distribution yet; finish it with --resume first")
         write_samples(model, code_distribution, args.num_samples, args)
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
+    train_kinds = [product_kinds(catalogue)[i] for i in catalogue.train_index.tolist()]
     prepare_out(SCRIPT, args, catalogue, state, training=not (args.figures_only or tool))
     if tool:
         return shop.run_tools(lambda batch: encode_all(model, batch, args),
                               lambda batch: loss_per_image(model, batch, args), catalogue, checkpoint, args)
 
     if not args.figures_only:
-        code_distribution = train_model(model, train_images, test_images, history, samples_by_epoch, state, args)
+        code_distribution = train_model(model, train_images, train_kinds, test_images, history, samples_by_epoch,
+                                        state, args)
     if code_distribution is None:  # a run stopped before its last epoch: fit to the codes it has now
-        code_distribution = fit_code_distribution(encode_all(model, train_images, args))
+        code_distribution = fit_code_distribution(encode_all(model, train_images, args), train_kinds)
     make_figures(model, catalogue, history, code_distribution, samples_by_epoch, args)
     if args.num_samples and not args.figures_only:
         write_samples(model, code_distribution, args.num_samples, args)

@@ -391,6 +391,8 @@ def add_run_flags(parser, out, tools):
         parser.add_argument("--num-samples", type=int, default=0, help="also write N new products to OUT/samples/")
         parser.add_argument("--query", nargs="+", default=None, metavar="PHOTO_OR_PRODUCTID",
                             help="photo files or ProductIds: print the products most like each")
+        parser.add_argument("--product-type", default=None, help="--num-samples draws products of this type only "
+                                                                 "(a folder without fashion.csv: a first-level folder)")
         parser.add_argument("--top", type=int, default=5, help="how many products --query lists")
         parser.add_argument("--duplicates", type=float, nargs="?", const=0.99, default=None, metavar="SIMILARITY",
                             help="list groups of products whose codes have at least this cosine similarity")
@@ -409,9 +411,21 @@ def check_flags(parser, args):
                      "training writes OUT/model.pt")
     if getattr(args, "duplicates", None) is not None and not -1 <= args.duplicates <= 1:
         parser.error("--duplicates must be a cosine similarity between -1 and 1")
-    if getattr(args, "num_samples", 0) < 0:
-        parser.error("--num-samples cannot be negative")
+    if getattr(args, "num_samples", 0) < 0 or getattr(args, "beta", 0) < 0:
+        parser.error("--num-samples and --beta cannot be negative")
     return args
+
+
+def chosen_mixture(code_distribution, product_type):
+    """The Gaussians --num-samples draws from: --product-type's alone, or every type's."""
+    if code_distribution is None:
+        raise SystemExit("error: --num-samples: the checkpoint is a run stopped before its last epoch, with no "
+                         "code distribution yet; finish it with --resume first")
+    kinds = code_distribution["kinds"]
+    if product_type is not None and product_type not in kinds:
+        raise SystemExit(f"error: --product-type {product_type}: no training photo is of that type; the types are "
+                         f"{', '.join(kinds)}")
+    return {product_type: kinds[product_type]} if product_type else kinds
 
 
 def start_run(script, args, defaults, model_flags, training_flags, load):
@@ -434,19 +448,24 @@ def start_run(script, args, defaults, model_flags, training_flags, load):
     return checkpoint, state
 
 
-def load_checkpoint(path, script, args, defaults, flags):
-    """A saved run. The flags that define it (`flags`) are taken from it, and said so; a flag that
-    the command line sets to another value than the saved one is an error naming it."""
+def read_checkpoint(path, script, flag="--checkpoint"):
+    """The contents of a model.pt that `script` saved; anything else is a one-line error naming `flag`."""
     if not path.is_file():
-        raise SystemExit(f"error: --checkpoint {path}: no such file (train first: python {script})")
+        raise SystemExit(f"error: {flag} {path}: no such file (train first: python {script})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise SystemExit(f"error: --checkpoint {path}: not a readable checkpoint ({error.__class__.__name__})")
+        raise SystemExit(f"error: {flag} {path}: not a readable checkpoint ({error.__class__.__name__})")
     if not isinstance(state, dict) or state.get("script") != script:
         found = state.get("script", "an unknown script") if isinstance(state, dict) else "an unknown script"
-        raise SystemExit(f"error: --checkpoint {path}: saved by {found}, not by {script}")
-    restored = []
+        raise SystemExit(f"error: {flag} {path}: saved by {found}, not by {script}")
+    return state
+
+
+def load_checkpoint(path, script, args, defaults, flags):
+    """A saved run. The flags that define it (`flags`) are taken from it, and said so; a flag that
+    the command line sets to another value than the saved one is an error naming it."""
+    state, restored = read_checkpoint(path, script), []
     for flag in flags:
         saved, given = state["args"][flag], getattr(args, flag)
         if given != saved and given != defaults[flag]:
@@ -528,8 +547,8 @@ def log_epoch(row, args, started, first):
 
     epoch, eta = row["epoch"], (time.time() - started) / (row["epoch"] - first + 1) * (args.epochs - row["epoch"])
     noisy = f"noisy {row['test_psnr_noisy']:5.2f} -> " if "test_psnr_noisy" in row else ""  # the DAE's input
-    print(f"epoch {epoch:3d}/{args.epochs} | {losses('train')} | {losses('test')} | test PSNR {noisy}{row['test_psnr']:5.2f} "
-          f"dB | {row['seconds']:4.1f} s, {row['images_per_second']:5.0f} img/s | ETA {eta:3.0f} s", flush=True)
+    print(f"epoch {epoch:3d}/{args.epochs} | {losses('train')} | {losses('test')} | "
+          f"test PSNR {noisy}{row['test_psnr']:5.2f} dB | {row['seconds']:4.1f} s, {row['images_per_second']:5.0f} img/s | ETA {eta:3.0f} s", flush=True)
 
 
 def save_images(images, folder):
@@ -642,6 +661,13 @@ def plot_latent_map(codes, catalogue, title, path):
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def product_kinds(catalogue):
+    """Each product's kind: its ProductType, or in a folder without fashion.csv its Category (the
+    first folder level)."""
+    column = "ProductType" if (catalogue.metadata["ProductType"] != "").any() else "Category"
+    return catalogue.metadata[column].tolist()
 
 
 def shown_products(catalogue, count):

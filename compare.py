@@ -8,11 +8,13 @@ as the AE's code) on four axes:
     representation   code size; precision@5 by ProductType and Colour (cosine of codes, the test
                      products as queries against the training products); a linear probe's test
                      accuracy for ProductType and Category
-    generation       1,000 codes drawn from a Gaussian fitted to the training codes (and, for the
-                     VAE, from its prior N(0, I)), decoded, and scored by two Frechet distances to
-                     the training photos: in the features of a small classifier that this script
-                     trains on the training photos' ProductType ("classifier FD", the idea of FID),
-                     and on the principal components of 16x16 thumbnails ("pixel FD")
+    generation       1,000 codes drawn as the scripts draw them (a mixture of one Gaussian per
+                     ProductType, fitted to the training codes), from one Gaussian fitted to them
+                     all, and for the VAE from its prior N(0, I); decoded, and scored by two Frechet
+                     distances to the training photos: in the features of a small classifier that
+                     this script trains on the training photos' ProductType ("classifier FD", the
+                     idea of FID), and on the principal components of 16x16 thumbnails ("pixel FD");
+                     and samples of one type (TYPES), how often the classifier calls them that type
     cost             seconds per training epoch (median) and parameters, from each checkpoint
 
 Run:    python compare.py                        (after the three default runs)
@@ -35,9 +37,10 @@ import ae
 import dae
 import shop
 import vae
-from common import REPO, load_catalogue, select_device, show_rows
+from common import REPO, load_catalogue, product_kinds, read_checkpoint, select_device, show_rows
 
-SCRIPTS = {"ae": (ae, ae.Autoencoder), "dae": (dae, dae.DenoisingAutoencoder), "vae": (vae, vae.VAE)}
+SCRIPTS = {"ae": ae.Autoencoder, "dae": dae.DenoisingAutoencoder, "vae": vae.VAE}  # name: its model
+TYPES = ("Tshirts", "Sports Shoes")  # the product types whose samples are checked by the classifier
 
 
 def parse_args(argv=None):
@@ -62,17 +65,8 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- the models, each as three functions
 def load_model(name, path, device):
     """The model a script saved, rebuilt from the flags in its checkpoint."""
-    script, model_class = SCRIPTS[name]
-    if not path.is_file():
-        raise SystemExit(f"error: --{name} {path}: no such file (train it first: python {name}.py)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise SystemExit(f"error: --{name} {path}: not a readable checkpoint ({error.__class__.__name__})")
-    if not isinstance(state, dict) or state.get("script") != f"{name}.py":
-        raise SystemExit(f"error: --{name} {path}: not a model of {name}.py")
-    saved = state["args"]
-    model = model_class(saved["image_size"], saved["latent_dim"])
+    state = read_checkpoint(path, f"{name}.py", f"--{name}")
+    model = SCRIPTS[name](state["args"]["image_size"], state["args"]["latent_dim"])
     model.load_state_dict(state["state_dict"])
     return model.to(device).eval(), state
 
@@ -99,9 +93,14 @@ def model_functions(name, model, device):
 
 def pca_functions(train_images, components):
     """PCA by hand on the training pixels: the best linear code of `components` numbers."""
-    flat = train_images.flatten(1).double()
-    mean = flat.mean(0)
-    directions = torch.linalg.svd(flat - mean, full_matrices=False)[2][:components]  # (components, pixels)
+    centred = train_images.flatten(1).double()
+    mean = centred.mean(0)
+    centred -= mean
+    # The principal directions from the N x N matrix of the photos' dot products (an eigen-decomposition
+    # of 2,615 x 2,615, not an SVD of 2,615 x 12,288): direction = centred^T u / sqrt(eigenvalue).
+    values, vectors = torch.linalg.eigh(centred @ centred.T)
+    values, vectors = values.flip(0)[:components], vectors.flip(1)[:, :components]
+    directions = ((centred.T @ vectors) / values.clamp_min(1e-12).sqrt()).T  # (components, pixels)
     shape = train_images.shape[1:]
 
     def decode(codes):
@@ -193,7 +192,7 @@ def train_classifier(catalogue, args):
     cache, model = args.out / "classifier.pt", Classifier(len(classes))
     if cache.is_file() and (saved := torch.load(cache, weights_only=True))["key"] == key:
         model.load_state_dict(saved["state_dict"])
-        return model.to(args.device).eval()
+        return model.to(args.device).eval(), classes
     torch.manual_seed(args.seed)
     model.to(args.device)
     images = catalogue.images[catalogue.train_index]
@@ -218,20 +217,19 @@ def train_classifier(catalogue, args):
     print(f"FD classifier: {len(classes)} ProductTypes, test accuracy {accuracy:.3f} ({time.time() - tick:.0f} s)")
     torch.save({"key": key, "state_dict": model.state_dict()}, cache.with_suffix(".tmp"))
     os.replace(cache.with_suffix(".tmp"), cache)
-    return model
-
-
-def fit_and_sample(codes, count, generator):
-    """`count` codes from a Gaussian fitted to `codes`, as ae.py and vae.py sample."""
-    return ae.sample_codes(ae.fit_code_distribution(codes), count, generator)
+    return model, classes
 
 
 # ----------------------------------------------------------------------------- the table
-def measure(name, functions, catalogue, features, args):
+def measure(name, functions, catalogue, features, classify, args):
+    """One row of the table: every measure of one model or baseline."""
+    torch.manual_seed(args.seed)  # the probes' starting weights: the same whether the classifier was cached or not
     images, metadata, train, test = catalogue.images, catalogue.metadata, catalogue.train_index, catalogue.test_index
     noisy = dae.add_noise(images[test], "gaussian", args.noise, torch.Generator().manual_seed(args.seed))
     codes = functions["encode"](images)
     row = {"model": name, "code_size": codes.shape[1]}
+    # The probe reads the raw pixels as 16x16 thumbnails: 12,288 inputs for 2,615 photos only overfit, slowly.
+    probe_codes = nn.functional.adaptive_avg_pool2d(images, 16).flatten(1) if functions["reconstruct"] is None else codes
     if functions["reconstruct"] is None:  # the raw pixels are their own reconstruction
         row.update(psnr_clean=None, psnr_noisy=psnr(noisy, images[test]))
     else:
@@ -242,19 +240,26 @@ def measure(name, functions, catalogue, features, args):
         row[f"precision@5_{column}"] = precision_at_5(codes, catalogue, column) if labelled else None
     for column in ("ProductType", "Category"):
         labels, labelled = metadata[column].tolist(), (metadata[column] != "").any()
-        row[f"probe_{column}"] = linear_probe(codes[train], [labels[i] for i in train.tolist()], codes[test],
-                                              [labels[i] for i in test.tolist()]) if labelled else None
-    draws = {}
-    if functions["decode"] is not None:
-        draws["fitted"] = functions["decode"](fit_and_sample(codes[train], args.samples,
-                                                             torch.Generator().manual_seed(args.seed)))
+        row[f"probe_{column}"] = linear_probe(probe_codes[train], [labels[i] for i in train.tolist()],
+                                              probe_codes[test], [labels[i] for i in test.tolist()]) if labelled else None
+    if functions["decode"] is None:
+        return row
+    kinds = product_kinds(catalogue)
+    fitted = ae.fit_code_distribution(codes[train], [kinds[i] for i in train.tolist()])  # as the scripts fit
+    mixtures = {"mixture": fitted["kinds"], "one": fitted["all"]}
+    draws = {kind: ae.sample_codes(mixture, args.samples, torch.Generator().manual_seed(args.seed))
+             for kind, mixture in mixtures.items()}
     if name.startswith("vae"):
-        prior = torch.randn(args.samples, codes.shape[1], generator=torch.Generator().manual_seed(args.seed))
-        draws["prior"] = functions["decode"](prior)
-    for kind, samples in draws.items():
+        draws["prior"] = torch.randn(args.samples, codes.shape[1], generator=torch.Generator().manual_seed(args.seed))
+    for kind, z in draws.items():
+        samples = functions["decode"](z)
         row[f"classifier_fd_{kind}"] = frechet(features["classifier"](samples), features["classifier_train"])
         row[f"pixel_fd_{kind}"] = frechet(features["pixels"](samples), features["pixels_train"])
-    return row, draws
+    for kind in TYPES:  # new products of one type: does the classifier see that type?
+        if kind in fitted["kinds"]:
+            z = ae.sample_codes({kind: fitted["kinds"][kind]}, 200, torch.Generator().manual_seed(args.seed))
+            row[f"recognised_{kind}"] = sum(label == kind for label in classify(functions["decode"](z))) / 200
+    return row
 
 
 def cell(value, digits=3):
@@ -265,13 +270,13 @@ def cell(value, digits=3):
 
 def markdown_table(rows):
     lines = ["| | clean PSNR (dB) | PSNR, noise 0.1 in | code size | precision@5 type / colour | "
-             "probe type / category | classifier FD | pixel FD | s/epoch | parameters |",
+             "probe type / category | classifier FD: mixture / one Gaussian | pixel FD: mixture / one | s/epoch | "
+             "parameters |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        classifier_fd = cell(row.get("classifier_fd_fitted"), 1) + (
-            f" (prior {row['classifier_fd_prior']:,.1f})" if "classifier_fd_prior" in row else "")
-        pixel_fd = cell(row.get("pixel_fd_fitted"), 2) + (
-            f" (prior {row['pixel_fd_prior']:,.2f})" if "pixel_fd_prior" in row else "")
+        classifier_fd, pixel_fd = (" / ".join(cell(row.get(f"{measure}_{kind}"), digits) for kind in ("mixture", "one"))
+                                   + (f" (prior {row[f'{measure}_prior']:,.{digits}f})" if f"{measure}_prior" in row
+                                      else "") for measure, digits in (("classifier_fd", 1), ("pixel_fd", 2)))
         lines.append(f"| {row['model']} | {cell(row['psnr_clean'], 2)} | {cell(row['psnr_noisy'], 2)} | "
                      f"{cell(row['code_size'])} | {cell(row['precision@5_ProductType'])} / "
                      f"{cell(row['precision@5_Colour'])} | {cell(row['probe_ProductType'])} / "
@@ -292,18 +297,22 @@ def main(argv=None):
     catalogue = load_catalogue(args.data, sizes["ae"])
     args.out.mkdir(parents=True, exist_ok=True)
     train_images = catalogue.images[catalogue.train_index]
-    classifier = train_classifier(catalogue, args)
+    classifier, classes = train_classifier(catalogue, args)
     to_pixels = pixel_features(train_images)
     features = {"classifier": lambda images: in_batches(classifier.features, images, args.device),
                 "pixels": to_pixels, "pixels_train": to_pixels(train_images)}
     features["classifier_train"] = features["classifier"](train_images)
+
+    def classify(images):
+        return [classes[i] for i in in_batches(classifier, images, args.device).argmax(1).tolist()]
+
     candidates = {f"{name}.py": model_functions(name, model, args.device) for name, (model, _) in loaded.items()}
     candidates["raw pixels"] = {"encode": lambda images: (1 - images).flatten(1), "reconstruct": None, "decode": None}
     components = loaded["ae"][1]["args"]["latent_dim"]
     candidates[f"PCA, {components} components"] = pca_functions(train_images, components)
     rows, outputs = [], {}
     for name, functions in candidates.items():
-        row, _ = measure(name, functions, catalogue, features, args)
+        row = measure(name, functions, catalogue, features, classify, args)
         script = name.split(".")[0]
         if script in loaded:  # what training cost, read from the checkpoint
             model, state = loaded[script]
@@ -319,7 +328,10 @@ def main(argv=None):
              "pixel_fd": frechet(to_pixels(catalogue.images[catalogue.test_index]), features["pixels_train"])}
     table = markdown_table(rows)
     note = (f"FD floor, the {len(catalogue.test_index)} test photos against the training photos: classifier "
-            f"{floor['classifier_fd']:.1f}, pixel {floor['pixel_fd']:.2f}")
+            f"{floor['classifier_fd']:.1f}, pixel {floor['pixel_fd']:.2f}. Samples of one type that the classifier "
+            "calls that type: " + "; ".join(f"{row['model']} " + ", ".join(
+                f"{kind} {row[f'recognised_{kind}']:.2f}" for kind in TYPES if f"recognised_{kind}" in row)
+                for row in rows if any(f"recognised_{kind}" in row for kind in TYPES)))
     print(table + "\n" + note)
     (args.out / "table.md").write_text(table + "\n\n" + note + "\n")
     (args.out / "summary.json").write_text(json.dumps({"rows": rows, "floor": floor}, indent=1))

@@ -19,15 +19,27 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import (NEAR_COPY_PSNR, connected_groups, decode, pick, plot_latent_map, show_rows, shown_products, thumbnails,
-                    to_rgb)
+from common import (NEAR_COPY_PSNR, connected_groups, decode, pick, plot_latent_map, show_rows, shown_products,
+                    thumbnails, to_rgb)
 
 
 # ----------------------------------------------------------------------------- the figures every model draws
-def figures(name, encode, decode_codes, codes, losses, catalogue, tag, args):
+def sample_rows(draw, kinds, rows=4):
+    """Rows of new products: `draw(mixture)` from the mixture of every kind, and from each of the
+    `rows` most common kinds alone."""
+    common_kinds = sorted(kinds, key=lambda kind: -kinds[kind]["weight"])[:rows]
+    samples = [draw(mixture) for mixture in [kinds, *({kind: kinds[kind]} for kind in common_kinds)]]
+    return samples, ["mixture", *common_kinds]
+
+
+def figures(samples_by_epoch, name, encode, decode_codes, codes, losses, catalogue, tag, args):
     """What ae.py and vae.py both show of a trained model. `encode` takes photos to codes (N, latent),
     `decode_codes` codes to images; `codes` are every product's, `losses` each test product's own."""
     images, metadata, out = catalogue.images, catalogue.metadata, args.out
+    if samples_by_epoch:  # only training can draw this one: --figures-only redraws it from the checkpoint
+        show_rows([s for _, s in samples_by_epoch], [f"epoch {e}" for e, _ in samples_by_epoch],
+                  "The same 10 draws from the Gaussians fitted to the codes, as training goes on" + tag,
+                  out / "samples_by_epoch.png")
     shown = shown_products(catalogue, 10)
     show_rows([images[shown], decode_codes(codes[shown])], ["original", name],
               "Test products and their reconstructions" + tag, out / "reconstructions.png")
@@ -205,8 +217,9 @@ def more_like_this(encode, loss, catalogue, codes, args):
                                                                "ProductTitle")
             others = [metadata.at[i, "ProductId"] for i in (catalogue.groups == catalogue.groups[row]).nonzero()
                       .flatten().tolist() if i != row]
-            print(f"  {rank:2d}. {product_id:>8s}  {product_type:14s} {colour:10s} {title[:50]:50s} {similarity[row]:.3f}"
-                  + (f"  (also listed as {', '.join(others)})" if others else ""))
+            also = f"  (also listed as {', '.join(others)})" if others else ""
+            print(f"  {rank:2d}. {product_id:>8s}  {product_type:14s} {colour:10s} {title[:50]:50s} "
+                  f"{similarity[row]:.3f}{also}")
         show_rows([torch.cat([query[None], images[best]])], [name], f"More like {name}",
                   args.out / f"query_{name}.png", ["query"] + [f"{similarity[row]:.3f}" for row in best])
 

@@ -15,20 +15,16 @@ sigma. The KL term pulls every image's Gaussian towards the standard normal: cod
 products overlap instead of sitting far apart, and the space between them decodes to plausible
 products. beta trades sharp reconstructions (small beta) for a smoother latent space (large beta).
 
-Two choices make the difference between smudges and products. The decoder's variance sigma^2 is
-a hidden beta: the textbook sum of squared errors fixes it at 1/2, which on these photos weighs
-the KL ~100x too much; here it is set to its best value, the batch's mean squared error. And new
-products are sampled where the training codes really are (a Gaussian fitted to them), not from
-N(0, I), which the sharper model's codes no longer fill. With the variance calibrated, -log p(x|z)
-is the log of a density, not of a probability: it goes below zero when the photos are predicted
-well, so the printed losses are negative, and lower is still better.
+Two choices make products, not smudges. The decoder's variance sigma^2 is a hidden beta: the
+textbook sum of squared errors fixes it at 1/2, which weighs the KL ~100x too much on these photos;
+here it is set to its best value, the batch's mean squared error. Then -log p(x|z) is the log of a
+density: below zero when photos are predicted well, so the printed losses are negative (lower is
+still better). And new products are sampled where the codes are (fit_code_distribution), not from
+N(0, I), which the sharper model's codes no longer fill.
 
-Run:    python vae.py --epochs 50
-Writes: out/vae/ - model.pt, metrics.csv, search.csv and the figures: reconstructions, samples,
-        samples_by_epoch, interpolations, attribute_edit, latent_map, loss_curves, catalogue_qa, search
-Again:  python vae.py --figures-only --num-samples 16   (redraw, plus 16 new products in samples/)
-Tools:  python vae.py --query PHOTO_OR_PRODUCTID        (the catalogue's products most like it)
-        python vae.py --duplicates                      (groups of listings that show the same product)
+Run:    python vae.py --epochs 50    (model.pt, metrics.csv, search.csv and the figures in out/vae/)
+Again:  python vae.py --figures-only --num-samples 16 --product-type Tshirts   (16 new T-shirts in samples/)
+Tools:  python vae.py --query PHOTO_OR_PRODUCTID ...    python vae.py --duplicates    (more like this; copies)
 """
 
 import argparse
@@ -39,8 +35,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import (REPO, add_run_flags, check_flags, end_epoch, epoch_row, load_catalogue, log_epoch, plot_curves,
-                    prepare_out, resume_training, save_images, show_rows, start_run, stop_cleanly)
+from common import (REPO, add_run_flags, check_flags, chosen_mixture, end_epoch, epoch_row, load_catalogue, log_epoch,
+                    plot_curves, prepare_out, product_kinds, resume_training, save_images, show_rows, start_run,
+                    stop_cleanly)
 import shop
 
 
@@ -48,21 +45,17 @@ import shop
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # training
+    # training and model
     parser.add_argument("--epochs", type=int, default=50, help="passes over the training set")
     parser.add_argument("--batch-size", type=int, default=48, help="images per optimisation step")
     parser.add_argument("--lr", type=float, default=4e-3, help="Adam's peak learning rate (one cycle)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the model, the batches and the figures")
-    # model
     parser.add_argument("--latent-dim", type=int, default=128, help="size of the code z")
     parser.add_argument("--image-size", type=int, default=64, help="photos are resized to this (multiple of 16)")
     parser.add_argument("--beta", type=float, default=1.0, help="weight of the KL term in the loss")
     # data, device, outputs, a saved run and the shop's tools: the same in every script
     add_run_flags(parser, REPO / "out" / "vae", tools=True)
-    args = check_flags(parser, parser.parse_args(argv))
-    if args.beta < 0:
-        parser.error("--beta cannot be negative")
-    return args
+    return check_flags(parser, parser.parse_args(argv))
 
 
 ADAM_BETAS = (0.9, 0.99)  # a shorter memory of squared gradients than the usual 0.999: steps adapt faster
@@ -77,21 +70,17 @@ TRAINING_FLAGS = ("epochs", "batch_size", "lr", "seed")  # how it was trained: t
 
 # ----------------------------------------------------------------------------- model
 class VAE(nn.Module):
-    """Stride-2 convolutions take the photo to an 8x8 grid of 64 features, a linear layer
-    makes the code; the decoder mirrors them. Its transposed convolutions have kernel 4 and stride 2:
-    a kernel the stride divides covers every output pixel equally often, while a 3x3 kernel with
-    stride 2 covers alternate pixels once and twice and paints a checkerboard over every image
-    (Odena et al. 2016, "Deconvolution and Checkerboard Artifacts"). Kept small for a 2-core CPU:
-    16 to 64 channels, and an 8x8 grid (not 4x4) so the linear layer sees where things are.
-    """
+    """Stride-2 convolutions take the photo to an 8x8 grid of 64 features (16 to 64 channels: small
+    for a CPU), a linear layer makes the code; the decoder mirrors them. Its transposed convolutions
+    have kernel 4, which stride 2 divides, so every output pixel is covered equally often; 3x3 paints
+    a checkerboard (Odena et al. 2016, "Deconvolution and Checkerboard Artifacts")."""
 
     def __init__(self, image_size=64, latent_dim=128, channels=(16, 32, 64)):
         super().__init__()
         if image_size < 32 or image_size % 16:
             raise SystemExit(f"error: --image-size {image_size}: must be a multiple of 16, at least 32")
-        # A larger photo gets more levels in front, never a larger grid: Adam moves each weight by
-        # about lr a step, so a linear layer's output moves by about lr x its inputs, and 16x16x64
-        # inputs (128 px) make steps too big for the code.
+        # A larger photo gets more levels in front, never a larger grid: Adam moves each weight by ~lr
+        # a step, so a linear layer's output moves by ~lr x its inputs, too far with 16x16x64 of them.
         grid, widths = image_size // 8, list(channels)
         while grid > 8 and grid % 2 == 0:
             grid, widths = grid // 2, [widths[0]] + widths
@@ -140,12 +129,11 @@ def vae_loss(recon, images, mu, logvar, beta=1.0):
     Both terms are sums per image (over its pixels, over its latent dimensions), so they are on
     the same scale and beta means what it says; then each is averaged over the batch.
     """
-    # The decoder says how likely the photo is: p(x|z) = N(x; x_hat, sigma^2) for each of its D
-    # pixel values. sigma^2 is a modelling choice and a hidden beta: the plain sum of squared
-    # errors is this likelihood with sigma^2 = 1/2, while real errors are ~100x smaller, so it
-    # weighs the KL ~100x too much and draws blurry images. We use the sigma^2 that makes the
-    # photos most likely: the batch's mean squared error (Rybkin et al. 2021, "Simple and
-    # Effective VAE Training with Calibrated Decoders"), a constant for the gradient step.
+    # The decoder says how likely the photo is: p(x|z) = N(x; x_hat, sigma^2) for each of its D pixel
+    # values. The plain sum of squared errors is this with sigma^2 = 1/2, while real errors are ~100x
+    # smaller: it weighs the KL ~100x too much. We use the sigma^2 that makes the photos most likely,
+    # the batch's mean squared error (Rybkin et al. 2021, "Simple and Effective VAE Training with
+    # Calibrated Decoders"), a constant for the gradient step.
     # reconstruction = -log p(x|z) = sum_pixels (x - x_hat)^2 / (2 sigma^2) + D/2 * log(2 pi sigma^2)
     squared_error = ((recon - images) ** 2).flatten(1).sum(dim=1)  # (B,)
     pixels = images[0].numel()  # D
@@ -188,10 +176,9 @@ def run_epoch(model, images, args, optimizer=None, generator=None, schedule=None
     return dict(zip([*losses, "psnr"], (sums / len(images)).tolist()))
 
 
-def train_model(model, train_images, test_images, history, samples_by_epoch, state, args):
-    """The training loop: --epochs passes over the training photos, each followed by a test pass,
-    the model saved after each. Goes on from `state` with --resume. Returns the fit of the final
-    model's codes (see fit_code_distribution), or None if it stopped before its last epoch."""
+def train_model(model, train_images, train_kinds, test_images, history, samples_by_epoch, state, args):
+    """--epochs passes over the training photos, each followed by a test pass and a checkpoint (goes on
+    from `state` with --resume). Returns fit_code_distribution of the final model's codes."""
     # fused: one kernel updates every weight at once, less time per step on a CPU.
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=ADAM_BETAS, fused=True)
     # One cycle, stepped after each batch: the learning rate climbs from lr/25 to --lr over the
@@ -211,8 +198,8 @@ def train_model(model, train_images, test_images, history, samples_by_epoch, sta
             test = run_epoch(model, test_images, args)
             row = epoch_row(epoch, train, test, time.time() - tick, len(train_images), args)
             if epoch in SNAPSHOTS or epoch == args.epochs:  # training at work: where the codes are now
-                fitted = fit_code_distribution(encode_all(model, train_images, args))
-                samples_by_epoch.append((epoch, decode_samples(model, fitted, 10, args.seed + 1, args)))
+                fitted = fit_code_distribution(encode_all(model, train_images, args), train_kinds)
+                samples_by_epoch.append((epoch, decode_samples(model, fitted["kinds"], 10, args.seed + 1, args)))
             if epoch == args.epochs:  # the model is final: keep the fit, for sampling
                 code_distribution = fitted
             end_epoch(SCRIPT, model, history, row, args, optimizer, schedule, generator,
@@ -245,34 +232,55 @@ def loss_per_image(model, images, args):
 
 
 # ----------------------------------------------------------------------------- sampling
-def fit_code_distribution(codes, ridge=RIDGE):
-    """A Gaussian with full covariance fitted to the training codes.
-
-    Codes fill a small, tilted region of the space (in a VAE too: the KL term pulls them towards
-    N(0, I) but never all the way), so z ~ N(0, I) often lands where no product's code is. Sampling
-    from a Gaussian fitted to where the codes really are ("ex-post density estimation", Ghosh et
-    al. 2019, "From Variational to Deterministic Autoencoders") draws products, not smudges.
-    """
-    covariance = torch.cov(codes.T) + ridge * torch.eye(codes.shape[1])  # (latent, latent)
-    return {"mean": codes.mean(0), "covariance": covariance}
+def fit_gaussian(codes, ridge=RIDGE):
+    """The mean and full covariance of a set of codes (N, latent); the ridge keeps it invertible."""
+    covariance = torch.cov(codes.T) if len(codes) > 1 else torch.zeros(codes.shape[1], codes.shape[1])
+    return {"mean": codes.mean(0), "covariance": covariance + ridge * torch.eye(codes.shape[1]), "weight": 1.0}
 
 
-def sample_codes(distribution, count, generator):
-    """z = mean + L eps, eps ~ N(0, I), with L L^T = covariance (Cholesky): z has that mean and covariance."""
-    eps = torch.randn(count, len(distribution["mean"]), generator=generator)
-    return distribution["mean"] + eps @ torch.linalg.cholesky(distribution["covariance"]).T
+def fit_code_distribution(codes, kinds):
+    """A Gaussian fitted to the training codes of each kind of product, and one fitted to them all.
+
+    Codes fill a small, tilted region of the space (in a VAE too: the KL pulls them towards N(0, I),
+    never all the way), so z ~ N(0, I) often lands where no product's code is; a Gaussian fitted to
+    where the codes are (Ghosh et al. 2019, "From Variational to Deterministic Autoencoders") draws
+    products. And the codes are a cluster per kind of product, not one blob: a mixture of one
+    Gaussian per kind, weighted by its share, fits them. A kind with n photos keeps n / (n + latent)
+    of its own covariance and borrows the rest from all codes, so a rare kind still gets one."""
+    everything, per_kind = fit_gaussian(codes), {}
+    for kind in sorted(set(kinds)):
+        members = codes[[i for i, label in enumerate(kinds) if label == kind]]
+        own, share = fit_gaussian(members), len(members) / (len(members) + codes.shape[1])
+        per_kind[kind] = {"mean": own["mean"], "weight": len(members) / len(codes),
+                          "covariance": share * own["covariance"] + (1 - share) * everything["covariance"]}
+    return {"all": {"all": everything}, "kinds": per_kind}
+
+
+def sample_codes(mixture, count, generator):
+    """`count` codes from a mixture of Gaussians ({name: {mean, covariance, weight}}): each code's
+    Gaussian drawn by weight, then z = mean + L eps, eps ~ N(0, I), with L L^T = covariance."""
+    names = list(mixture)
+    picks = torch.multinomial(torch.tensor([mixture[name]["weight"] for name in names]), count, True,
+                              generator=generator)
+    eps = torch.randn(count, len(mixture[names[0]]["mean"]), generator=generator)
+    z = torch.empty_like(eps)
+    for index, name in enumerate(names):
+        chosen = picks == index
+        z[chosen] = mixture[name]["mean"] + eps[chosen] @ torch.linalg.cholesky(mixture[name]["covariance"]).T
+    return z
 
 
 @torch.no_grad()
-def decode_samples(model, distribution, count, seed, args):
-    """`count` new products: codes drawn from `distribution` with a seeded generator, decoded."""
-    z = sample_codes(distribution, count, torch.Generator().manual_seed(seed))
+def decode_samples(model, mixture, count, seed, args):
+    """`count` new products: codes drawn from `mixture` with a seeded generator, decoded."""
+    z = sample_codes(mixture, count, torch.Generator().manual_seed(seed))
     return model.eval().decode(z.to(args.device)).float().cpu()
 
 
 def write_samples(model, code_distribution, count, args):
-    """`count` new products, sampled where the training codes are, as PNG files in OUT/samples/."""
-    save_images(decode_samples(model, code_distribution, count, args.seed + 2, args), args.out / "samples")
+    """`count` new products as PNG files in OUT/samples/: of --product-type, or of every type."""
+    mixture = chosen_mixture(code_distribution, args.product_type)  # {type: its Gaussian}
+    save_images(decode_samples(model, mixture, count, args.seed + 2, args), args.out / "samples")
 
 
 # ============================================================================= the lesson ends here
@@ -287,22 +295,17 @@ def make_figures(model, catalogue, history, code_distribution, samples_by_epoch,
     def decode(z):
         return model.eval().decode(z.to(args.device)).float().cpu()
 
-    # New product ideas: 20 codes from the prior N(0, I) and 20 from the Gaussian fitted to the
-    # training codes; the same seed draws the same eps for both, so they pair up.
-    prior = torch.randn(20, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
-    samples = decode_samples(model, code_distribution, 20, args.seed, args)
-    show_rows([*decode(prior).split(10), *samples.split(10)], ["prior", "prior", "fitted", "fitted"],
-              "New products: z ~ N(0, I) (prior) and z ~ Gaussian fitted to the codes (fitted)" + tag,
-              args.out / "samples.png")
-    if samples_by_epoch:  # only training can draw this one: --figures-only redraws it from the checkpoint
-        show_rows([s for _, s in samples_by_epoch], [f"epoch {e}" for e, _ in samples_by_epoch],
-                  "The same 10 draws from a Gaussian fitted to the codes, as training goes on" + tag,
-                  args.out / "samples_by_epoch.png")
+    # New product ideas: from the prior N(0, I), and from the Gaussians fitted to the codes.
+    rows, labels = shop.sample_rows(lambda mixture: decode_samples(model, mixture, 10, args.seed, args),
+                                    code_distribution["kinds"])
+    prior = torch.randn(10, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
+    show_rows([decode(prior), *rows], ["prior N(0, I)", *labels], "New products: codes drawn from the prior, and "
+              "from the Gaussian fitted to each type's codes (mixture: every type)" + tag, args.out / "samples.png")
     plot_curves(history, {"loss": "negative ELBO per image", "reconstruction": "reconstruction per image",
                           "kl": "KL per image", "variance": "decoder variance sigma^2"}, args.out / "loss_curves.png",
                 log=("variance",))
     losses = loss_per_image(model, catalogue.images[catalogue.test_index], args)
-    shop.figures("VAE", encode, decode, encode(catalogue.images), losses, catalogue, tag, args)
+    shop.figures(samples_by_epoch, "VAE", encode, decode, encode(catalogue.images), losses, catalogue, tag, args)
 
 
 def main(argv=None):
@@ -317,21 +320,20 @@ def main(argv=None):
     code_distribution = state.get("code_distribution") if state else None
     samples_by_epoch = state["samples_by_epoch"] if state else []  # [(epoch, images)], kept in the checkpoint
     if args.figures_only and args.num_samples:  # the checkpoint is all that sampling needs: no photos
-        if code_distribution is None:
-            raise SystemExit(f"error: --num-samples: {checkpoint} is a run stopped at epoch {len(history)} of "
-                             f"{state['args']['epochs']}, with no code distribution yet; finish it with --resume first")
         write_samples(model, code_distribution, args.num_samples, args)
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
+    train_kinds = [product_kinds(catalogue)[i] for i in catalogue.train_index.tolist()]
     prepare_out(SCRIPT, args, catalogue, state, training=not (args.figures_only or tool))
     if tool:
         return shop.run_tools(lambda batch: encode_all(model, batch, args),
                               lambda batch: loss_per_image(model, batch, args), catalogue, checkpoint, args)
 
     if not args.figures_only:
-        code_distribution = train_model(model, train_images, test_images, history, samples_by_epoch, state, args)
+        code_distribution = train_model(model, train_images, train_kinds, test_images, history, samples_by_epoch,
+                                        state, args)
     if code_distribution is None:  # a run stopped before its last epoch: fit to the codes it has now
-        code_distribution = fit_code_distribution(encode_all(model, train_images, args))
+        code_distribution = fit_code_distribution(encode_all(model, train_images, args), train_kinds)
     make_figures(model, catalogue, history, code_distribution, samples_by_epoch, args)
     if args.num_samples and not args.figures_only:
         write_samples(model, code_distribution, args.num_samples, args)

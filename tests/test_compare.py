@@ -36,8 +36,10 @@ def test_every_model_and_baseline_gets_every_column(three_models, tmp_path, caps
             assert row[key] is not None, (row["model"], key)
     by_name = {row["model"]: row for row in rows}
     assert by_name["dae.py"]["code_size"] == 8 * 16  # its grid averaged to 4x4
-    assert "classifier_fd_fitted" not in by_name["dae.py"]  # a code alone cannot be decoded
-    assert {"classifier_fd_fitted", "classifier_fd_prior"} <= set(by_name["vae.py"])
+    assert "classifier_fd_mixture" not in by_name["dae.py"]  # a code alone cannot be decoded
+    assert {"classifier_fd_mixture", "classifier_fd_one", "classifier_fd_prior", "pixel_fd_mixture",
+            "recognised_Tshirts"} <= set(by_name["vae.py"])
+    assert 0 <= by_name["ae.py"]["recognised_Tshirts"] <= 1 and "recognised_Sports Shoes" not in by_name["ae.py"]
     assert by_name["ae.py"]["parameters"] > 1000 and by_name["ae.py"]["seconds_per_epoch"] > 0
     assert by_name["raw pixels"]["psnr_clean"] is None and by_name["PCA, 8 components"]["psnr_clean"] > 10
     table = (tmp_path / "compare" / "table.md").read_text()
@@ -45,6 +47,10 @@ def test_every_model_and_baseline_gets_every_column(three_models, tmp_path, caps
     printed = capsys.readouterr().out
     assert all(line in printed for line in table.splitlines())  # the table printed is the table written
     assert (tmp_path / "compare" / "same_products.png").is_file()
+    # A second run, with the classifier cached, prints the same table to the digit.
+    compare.main([*three_models, "--out", str(tmp_path / "compare"), "--samples", "60", "--classifier-epochs", "1",
+                  "--device", "cpu"])
+    assert (tmp_path / "compare" / "table.md").read_text() == table
 
 
 def test_a_missing_model_is_a_one_line_error_naming_it(tmp_path):
@@ -57,7 +63,8 @@ def test_the_classifier_distance_is_zero_for_a_set_against_itself_and_grows_with
     (tmp_path / "empty").mkdir()
     catalogue = common.load_catalogue(None, image_size=32)
     args = SimpleNamespace(out=tmp_path, seed=0, classifier_epochs=2, device=torch.device("cpu"))
-    classifier = compare.train_classifier(catalogue, args)
+    classifier, classes = compare.train_classifier(catalogue, args)
+    assert classes == sorted(set(catalogue.metadata["ProductType"]))
     photos = catalogue.images[catalogue.train_index]
     features = compare.in_batches(classifier.features, photos, args.device)
     assert abs(compare.frechet(features, features)) < 1e-6
@@ -65,7 +72,7 @@ def test_the_classifier_distance_is_zero_for_a_set_against_itself_and_grows_with
         photos, ImageFilter.GaussianBlur(radius)), args.device), features) for radius in (0.5, 1.5, 3)]
     assert 0 < distances[0] < distances[1] < distances[2]
     assert (tmp_path / "classifier.pt").is_file()  # cached: a second run loads it
-    reloaded = compare.train_classifier(catalogue, args)
+    reloaded, _ = compare.train_classifier(catalogue, args)
     assert torch.equal(reloaded.head.weight, classifier.head.weight)
 
 

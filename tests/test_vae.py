@@ -3,8 +3,10 @@
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.distributions import Normal, kl_divergence
 
 import vae
@@ -113,10 +115,10 @@ def test_evaluation_decodes_the_mean_and_training_samples():
 def test_the_fitted_sampler_draws_codes_with_the_fitted_mean_and_covariance():
     torch.manual_seed(0)
     codes = torch.randn(500, 3) @ torch.tensor([[2.0, 0, 0], [1.0, 0.5, 0], [0, 0, 0.1]]) + torch.tensor([1.0, -2, 0])
-    distribution = vae.fit_code_distribution(codes)
+    distribution = vae.fit_gaussian(codes)
     assert torch.allclose(distribution["mean"], codes.mean(0))
     assert torch.allclose(distribution["covariance"], torch.cov(codes.T) + 1e-3 * torch.eye(3))
-    samples = vae.sample_codes(distribution, 50000, torch.Generator().manual_seed(1))
+    samples = vae.sample_codes({"all": distribution}, 50000, torch.Generator().manual_seed(1))
     assert torch.allclose(samples.mean(0), distribution["mean"], atol=0.03)
     assert torch.allclose(torch.cov(samples.T), distribution["covariance"], atol=0.05)
 
@@ -179,3 +181,41 @@ def test_a_128_px_model_keeps_an_8x8_grid_and_a_bounded_kl_under_big_steps():
         assert logvar.abs().max() < vae.LOGVAR_LIMIT
     # A 16x16 grid and an unbounded log-variance gave a KL of 3e13 in the second step.
     assert all(math.isfinite(kl) for kl in kls) and max(kls) < 5000
+
+
+def test_samples_of_a_chosen_type_come_from_that_types_gaussian(smoke_flags, tmp_path):
+    out = tmp_path / "out"
+    vae.main([*smoke_flags, "--epochs", "1"])
+    state = torch.load(out / "model.pt", weights_only=True)
+    kinds = state["code_distribution"]["kinds"]
+    assert sorted(kinds) == ["Dresses", "Heels", "Sports Shoes", "Tshirts"]  # the tiny catalogue's types
+    assert sum(kind["weight"] for kind in kinds.values()) == pytest.approx(1)
+    vae.main([*smoke_flags, "--figures-only", "--num-samples", "3", "--product-type", "Heels"])
+    model = vae.VAE(32, 8)
+    model.load_state_dict(state["state_dict"])
+    args = vae.parse_args(smoke_flags)
+    args.device = torch.device("cpu")
+    expected = vae.decode_samples(model, {"Heels": kinds["Heels"]}, 3, args.seed + 2, args)
+    written = torch.stack([torch.from_numpy(np.asarray(Image.open(out / "samples" / f"sample_{i:04d}.png")).copy())
+                           .permute(2, 0, 1).float() / 255 for i in range(3)])
+    assert torch.allclose(written, expected, atol=1 / 255)
+    with pytest.raises(SystemExit, match="--product-type Sandals: no training photo is of that type; the types are "
+                                         "Dresses, Heels, Sports Shoes, Tshirts"):
+        vae.main([*smoke_flags, "--figures-only", "--num-samples", "3", "--product-type", "Sandals"])
+
+
+def test_a_mixture_draws_each_kind_by_its_weight_and_a_rare_kind_borrows_the_shared_covariance():
+    torch.manual_seed(0)
+    codes = torch.cat([torch.randn(300, 2) * 0.1 + torch.tensor([5.0, 0]), torch.randn(100, 2) * 0.1 - 5,
+                       torch.tensor([[0.0, 3.0]])])
+    kinds = ["shoe"] * 300 + ["shirt"] * 100 + ["hat"]
+    fitted = vae.fit_code_distribution(codes, kinds)
+    assert fitted["kinds"]["shoe"]["weight"] == pytest.approx(300 / 401)
+    z = vae.sample_codes(fitted["kinds"], 20000, torch.Generator().manual_seed(1))
+    assert (z[:, 0] > 2.5).float().mean() == pytest.approx(300 / 401, abs=0.02)  # the shoes' cluster
+    assert (z[:, 0] < -2.5).float().mean() == pytest.approx(100 / 401, abs=0.02)  # the shirts'
+    # One hat: its own covariance is nothing, so it is 1/3 its own and 2/3 that of all codes.
+    assert torch.allclose(fitted["kinds"]["hat"]["covariance"],
+                          (1 / 3) * 1e-3 * torch.eye(2) + (2 / 3) * fitted["all"]["all"]["covariance"], atol=1e-6)
+    shirts = vae.sample_codes({"shirt": fitted["kinds"]["shirt"]}, 1000, torch.Generator().manual_seed(2))
+    assert (shirts[:, 0] < -2.5).all()
