@@ -302,8 +302,8 @@ def make_figures(catalogue, history, outputs, args):
     for kind, candidates in outputs.items():
         rows = [catalogue.images[catalogue.test_index[shown]]]
         rows += [candidates[name][shown] for name in ("noisy input", "median filter (3)", "DAE")]
-        show_rows(rows, ["clean", "noisy", "median (3)", "DAE"], f"Denoising {kind} noise ({args.noise_strength})" + tag,
-                  args.out / f"denoising_{kind}.png")
+        show_rows(rows, ["clean", "noisy", "median (3)", "DAE"],
+                  f"Denoising {kind} noise ({args.noise_strength})" + tag, args.out / f"denoising_{kind}.png")
         show_rows([candidates["DAE"][shown]], ["DAE"], f"DAE outputs, {kind} noise ({args.noise_strength})" + tag,
                   args.out / f"denoised_{kind}.png")
     plot_curves(history, {"loss": "loss per image (output vs clean)", "psnr": "test PSNR of the output (dB)"},
