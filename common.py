@@ -418,9 +418,9 @@ def check_flags(parser, args):
 
 def chosen_mixture(code_distribution, product_type):
     """The Gaussians --num-samples draws from: --product-type's alone, or every type's."""
-    if code_distribution is None:
-        raise SystemExit("error: --num-samples: the checkpoint is a run stopped before its last epoch, with no "
-                         "code distribution yet; finish it with --resume first")
+    if code_distribution is None or "kinds" not in code_distribution:
+        raise SystemExit("error: --num-samples: the checkpoint is a run stopped before its last epoch, or saved "
+                         "before sampling by type; finish it with --resume, or drop --figures-only to train anew")
     kinds = code_distribution["kinds"]
     if product_type is not None and product_type not in kinds:
         raise SystemExit(f"error: --product-type {product_type}: no training photo is of that type; the types are "
@@ -548,7 +548,8 @@ def log_epoch(row, args, started, first):
     epoch, eta = row["epoch"], (time.time() - started) / (row["epoch"] - first + 1) * (args.epochs - row["epoch"])
     noisy = f"noisy {row['test_psnr_noisy']:5.2f} -> " if "test_psnr_noisy" in row else ""  # the DAE's input
     print(f"epoch {epoch:3d}/{args.epochs} | {losses('train')} | {losses('test')} | "
-          f"test PSNR {noisy}{row['test_psnr']:5.2f} dB | {row['seconds']:4.1f} s, {row['images_per_second']:5.0f} img/s | ETA {eta:3.0f} s", flush=True)
+          f"test PSNR {noisy}{row['test_psnr']:5.2f} dB | {row['seconds']:4.1f} s, "
+          f"{row['images_per_second']:5.0f} img/s | ETA {eta:3.0f} s", flush=True)
 
 
 def save_images(images, folder):

@@ -332,7 +332,7 @@ def main(argv=None):
     if not args.figures_only:
         code_distribution = train_model(model, train_images, train_kinds, test_images, history, samples_by_epoch,
                                         state, args)
-    if code_distribution is None:  # a run stopped before its last epoch: fit to the codes it has now
+    if code_distribution is None or "kinds" not in code_distribution:  # stopped early, or an older model.pt
         code_distribution = fit_code_distribution(encode_all(model, train_images, args), train_kinds)
     make_figures(model, catalogue, history, code_distribution, samples_by_epoch, args)
     if args.num_samples and not args.figures_only:
