@@ -603,9 +603,10 @@ def show_rows(rows, labels, title, path, columns_titles=None):
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             grid[:, r * step:r * step + size, c * step:c * step + size] = image.clamp(0, 1).cpu()
-    width = max(1.1 * columns + 1.2, 0.075 * len(title))  # the images, the labels left of them, the title
+    labels_width = max(1.2, 0.07 * max(len(line) for label in labels for line in str(label).split("\n")))
+    width = max(1.1 * columns + labels_width, 0.075 * len(title))  # the images, the labels left of them, the title
     # As tall as the images at that width, plus the title: no empty band above or below the grid.
-    height = (width - 1.2) * grid.shape[1] / grid.shape[2] + 0.6 + (0.2 if columns_titles else 0)
+    height = (width - labels_width) * grid.shape[1] / grid.shape[2] + 0.6 + (0.2 if columns_titles else 0)
     figure, axis = plt.subplots(figsize=(width, height))
     axis.imshow(grid.permute(1, 2, 0).numpy())
     axis.set_yticks([r * step + size / 2 for r in range(len(rows))], labels, fontsize=8)

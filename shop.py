@@ -260,7 +260,7 @@ def find_duplicates(catalogue, codes, args):
     print(f"{len(found)} pairs of products; of the catalogue's {len(identical)} pairs of byte-identical files, "
           f"{len(found & identical)} are among them, and {len(found - identical)} pairs are other photos")
     if members:  # each row labelled with its ProductIds
-        labels = [f"{n}: " + ", ".join(metadata.at[i, "ProductId"] for i in m.tolist())[:28] for n, m in
+        labels = [f"group {n}:\n" + "\n".join(metadata.at[i, "ProductId"] for i in m.tolist()) for n, m in
                   enumerate(members, 1)]
         show_rows([catalogue.images[m] for m in members], labels,
                   "Duplicate listings: products whose codes are nearly identical", args.out / "duplicates.png")

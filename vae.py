@@ -253,7 +253,7 @@ def fit_code_distribution(codes, kinds):
         own, share = fit_gaussian(members), len(members) / (len(members) + codes.shape[1])
         per_kind[kind] = {"mean": own["mean"], "weight": len(members) / len(codes),
                           "covariance": share * own["covariance"] + (1 - share) * everything["covariance"]}
-    return {"all": {"all": everything}, "kinds": per_kind}
+    return {"all": {"all": everything}, "kinds": per_kind}  # each a mixture {name: Gaussian} for sample_codes
 
 
 def sample_codes(mixture, count, generator):
