@@ -140,7 +140,8 @@ def run_epoch(model, images, args, optimizer=None, generator=None, schedule=None
     order = torch.randperm(len(images), generator=generator) if training else torch.arange(len(images))
     sums = 0
     for start in range(0, len(images), args.batch_size):
-        batch = images[order[start:start + args.batch_size]]
+        # The photos are kept as bytes, a quarter of float32's memory: a batch becomes floats in [0, 1] here.
+        batch = images[order[start:start + args.batch_size]].float() / 255
         if training:
             batch = augment(batch, generator)
         # channels_last: each pixel's 3 colours side by side in memory, as the CPU's convolutions read them
@@ -192,21 +193,23 @@ def train_model(model, train_images, train_kinds, test_images, history, samples_
 
 @torch.no_grad()
 def encode_all(model, images, args):
-    """Latent codes of a set of images, in batches: (N, latent). A VAE's code is its mean mu."""
+    """Latent codes of a set of photos (uint8), in batches: (N, latent). A VAE's code is its mean mu."""
     model.eval()
-    batches = (images[start:start + args.batch_size] for start in range(0, len(images), args.batch_size))
-    codes = [model.encode(batch.to(args.device, memory_format=torch.channels_last)) for batch in batches]
+    codes = []
+    for batch in images.split(args.batch_size):
+        batch = batch.to(args.device, memory_format=torch.channels_last).float() / 255
+        codes.append(model.encode(batch))
     return torch.cat(codes).float().cpu()
 
 
 @torch.no_grad()
 def loss_per_image(model, images, args):
-    """Each image's loss on its own, so that products can be ranked: (N,). A photo unlike the ones
+    """Each photo's (uint8) loss on its own, so that products can be ranked: (N,). A photo unlike the ones
     trained on comes back worst."""
     model.eval()
     losses = []
     for batch in images.split(args.batch_size):
-        batch = batch.to(args.device, memory_format=torch.channels_last)
+        batch = batch.to(args.device, memory_format=torch.channels_last).float() / 255
         recon = model(batch)
         losses += [ae_loss(recon[[i]].float(), batch[[i]])["loss"] for i in range(len(batch))]
     return torch.stack(losses).cpu()
@@ -301,7 +304,8 @@ def main(argv=None):
         write_samples(model, code_distribution, args.num_samples, args)
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
-    train_kinds = [product_kinds(catalogue)[i] for i in catalogue.train_index.tolist()]
+    kinds = product_kinds(catalogue)
+    train_kinds = [kinds[i] for i in catalogue.train_index.tolist()]
     prepare_out(SCRIPT, args, catalogue, state, training=not (args.figures_only or tool))
     if tool:
         return shop.run_tools(lambda batch: encode_all(model, batch, args),

@@ -297,6 +297,7 @@ def main(argv=None):
         raise SystemExit("error: the three models were trained at different --image-size: " +
                          ", ".join(f"{name} {size}" for name, size in sizes.items()))
     catalogue = load_catalogue(args.data, sizes["ae"])
+    catalogue.images = catalogue.images.float() / 255  # every measure here works on floats in [0, 1]
     args.out.mkdir(parents=True, exist_ok=True)
     train_images = catalogue.images[catalogue.train_index]
     classifier, classes = train_classifier(catalogue, args)

@@ -182,7 +182,9 @@ def run_epoch(model, images, args, optimizer=None, generator=None):
     order = torch.randperm(len(images), generator=generator) if training else torch.arange(len(images))
     sums = torch.zeros(3)
     for start in range(0, len(images), args.batch_size):
+        # The photos are kept as bytes, a quarter of float32's memory: a batch becomes floats in [0, 1] here.
         batch = images[order[start:start + args.batch_size]].to(args.device, memory_format=torch.channels_last)
+        batch = batch.float() / 255
         # Fresh noise every batch. A user does not know how noisy a photo is, so training draws each
         # image's strength from [0, 2 x --noise-strength] and the model learns to clean every level
         # ("blind" denoising); the test uses --noise-strength itself.
@@ -245,8 +247,10 @@ def pillow_filter(images, image_filter):
 @torch.no_grad()
 def evaluate_denoising(model, catalogue, args):
     """PSNR on the test set (seeded noise) of the noisy input, two filters and the DAE: the trained
-    kind from no noise to twice --noise-strength, then every other kind at --noise-strength."""
-    clean = catalogue.images[catalogue.test_index]
+    kind from no noise to twice --noise-strength, then every other kind at --noise-strength. Returns
+    the table's rows and, for the figures, 8 products' images of each kind at --noise-strength."""
+    clean = catalogue.images[catalogue.test_index].float() / 255
+    shown = torch.linspace(0, len(clean) - 1, 8).long()  # the figures' products: fixed positions in the test set
     levels = [(args.noise, round(factor * args.noise_strength, 4)) for factor in (0, 0.5, 1, 1.5, 2)]
     levels += [(kind, args.noise_strength) for kind in NOISE_KINDS if kind != args.noise]
     rows, outputs = [], {}
@@ -261,7 +265,7 @@ def evaluate_denoising(model, catalogue, args):
         if strength == 0:  # the input is the clean photo itself: its PSNR is no measure
             rows[-1]["noisy input"] = ""
         if strength == args.noise_strength:
-            outputs[kind] = candidates
+            outputs[kind] = {"clean": clean[shown], **{name: images[shown] for name, images in candidates.items()}}
     print(f"denoising the {len(clean)} test products, PSNR in dB (higher is better):")
     print(f"  {'noise':28s}{'strength':>9s}" + "".join(f"{name:>19s}" for name in rows[0] if name in candidates))
     for row in rows:
@@ -298,13 +302,11 @@ def denoise_large(model, photo, args, tile=256, margin=16):
 @torch.no_grad()
 def make_figures(catalogue, history, outputs, args):
     tag = " [SYNTHETIC catalogue]" if catalogue.synthetic else ""  # so no one mistakes it for real results
-    shown = torch.linspace(0, len(catalogue.test_index) - 1, 8).long()  # fixed positions within the test set
     for kind, candidates in outputs.items():
-        rows = [catalogue.images[catalogue.test_index[shown]]]
-        rows += [candidates[name][shown] for name in ("noisy input", "median filter (3)", "DAE")]
+        rows = [candidates[name] for name in ("clean", "noisy input", "median filter (3)", "DAE")]
         show_rows(rows, ["clean", "noisy", "median (3)", "DAE"],
                   f"Denoising {kind} noise ({args.noise_strength})" + tag, args.out / f"denoising_{kind}.png")
-        show_rows([candidates["DAE"][shown]], ["DAE"], f"DAE outputs, {kind} noise ({args.noise_strength})" + tag,
+        show_rows([candidates["DAE"]], ["DAE"], f"DAE outputs, {kind} noise ({args.noise_strength})" + tag,
                   args.out / f"denoised_{kind}.png")
     plot_curves(history, {"loss": "loss per image (output vs clean)", "psnr": "test PSNR of the output (dB)"},
                 args.out / "loss_curves.png", log=("loss",))

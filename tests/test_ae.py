@@ -55,8 +55,9 @@ def test_a_few_steps_on_one_batch_lower_the_loss():
 
 def test_run_epoch_returns_per_image_means_also_when_the_last_batch_is_smaller():
     torch.manual_seed(0)
-    images = torch.rand(10, 3, 8, 8)  # batches of 4, 4 and 2
-    result = ae.run_epoch(Constant(), images, epoch_args())
+    photos = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)  # batches of 4, 4 and 2
+    result = ae.run_epoch(Constant(), photos, epoch_args())
+    images = photos.float() / 255  # what the model is shown
     assert result["loss"] == pytest.approx(per_image_mean(lambda x: ((x - 0.5) ** 2).sum().item(), images))
     assert result["psnr"] == pytest.approx(per_image_mean(lambda x: -10 * math.log10(((x - 0.5) ** 2).mean()), images))
 
@@ -90,17 +91,17 @@ def test_training_shows_augmented_photos_and_evaluation_the_photos_as_they_are()
             self.seen.append(images.detach().clone())
             return images + self.weight
 
-    images = torch.rand(200, 3, 8, 8)
-    catalogue = images.clone()
+    photos = torch.randint(0, 256, (200, 3, 8, 8), dtype=torch.uint8)
+    catalogue, images = photos.clone(), photos.float() / 255  # bytes kept; the model sees floats in [0, 1]
     model = Recorder()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # a training pass that changes nothing
     schedule = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
-    ae.run_epoch(model, images, epoch_args(), optimizer, torch.Generator().manual_seed(0), schedule)
-    assert torch.equal(images, catalogue)  # the photos are augmented in copies, never in place
+    ae.run_epoch(model, photos, epoch_args(), optimizer, torch.Generator().manual_seed(0), schedule)
+    assert torch.equal(photos, catalogue)  # the photos are augmented in copies, never in place
     trained, model.seen = torch.cat(model.seen), []
     unchanged = (trained[:, None] == images[None]).flatten(2).all(2).any(1)
     assert int(unchanged.sum()) < 20  # 1 in 50 is neither mirrored nor moved: ~4 of 200
-    ae.run_epoch(model, images, epoch_args())
+    ae.run_epoch(model, photos, epoch_args())
     assert torch.equal(torch.cat(model.seen), images)  # evaluation: every photo, in order, untouched
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 from PIL import Image, ImageDraw, ImageFilter
 
 import common
@@ -64,8 +65,8 @@ def framed(root, tmp_path, size=32):
 def test_kaggle_layout_loads_with_metadata_joined(tmp_path):
     catalogue = load(make_kaggle_layout(tmp_path / "data"), tmp_path)
     assert catalogue.images.shape == (12, 3, 32, 32)
-    assert catalogue.images.dtype == torch.float32
-    assert 0 <= catalogue.images.min() and catalogue.images.max() <= 1
+    assert catalogue.images.dtype == torch.uint8  # bytes: a quarter of float32's memory
+    assert catalogue.images.is_contiguous(memory_format=torch.channels_last)  # the decoded array, not a copy
     metadata = catalogue.metadata
     assert len(metadata) == 12 and not catalogue.synthetic
     for row in metadata.itertuples():  # every row describes the image in its own position
@@ -205,6 +206,27 @@ def test_copies_of_a_photo_stay_on_one_side_of_the_split(tmp_path, capsys):
         assert side[original.stem] == side[f"9{original.stem}"] == side[f"8{original.stem}"]
     assert 0 < len(catalogue.test_index) < 10 and len(set(catalogue.groups.tolist())) == 32
     assert "test" in [side[original.stem] for original in photos[::4]]  # the fixture does test a group in test
+
+
+def test_near_copy_groups_find_every_pair_that_all_pairs_would(tmp_path):
+    # Photos that differ mostly in brightness, as product photos on white do, so that the direction
+    # the grouping sorts along is brightness; each with copies at errors on both sides of the
+    # threshold: brighter all over (along that direction) or with noise (across it).
+    generator = torch.Generator().manual_seed(0)
+    levels = torch.rand(150, 1, 1, 1, generator=generator) * 0.8 + 0.1
+    photos = levels + 0.1 * F.interpolate(torch.rand(150, 3, 4, 4, generator=generator), size=32, mode="bilinear")
+    copies = []  # one copy of every second photo, so that no copy joins its photo through another copy
+    for n, i in enumerate(range(0, 150, 2)):
+        error = (0.5e-4, 0.9e-4, 1.1e-4, 2e-4)[n % 4]  # mean squared error of the 16x16 thumbnails; threshold 1e-4
+        noise = F.interpolate(torch.randn(1, 3, 16, 16, generator=generator), size=32)[0]  # constant per 2x2
+        copies.append(photos[i] + (1 if n % 8 < 4 else noise) * error ** 0.5)
+    pixels = (torch.cat([photos, torch.stack(copies)]).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    groups = common.near_copy_groups(pixels, block=2)  # tiny blocks: each compares little beyond its stretch
+    small = F.adaptive_avg_pool2d(torch.from_numpy(pixels).permute(0, 3, 1, 2).double() / 255, 16).flatten(1)
+    close = torch.cdist(small, small) ** 2 / 768 < 10 ** (-common.NEAR_COPY_PSNR / 10)  # every pair, by hand
+    expected = common.connected_groups(close.nonzero().tolist(), len(pixels))
+    assert len(set(zip(groups.tolist(), expected.tolist()))) == len(set(expected.tolist())) == len(set(groups.tolist()))
+    assert 150 + 20 < len(set(groups.tolist())) < 150 + 55  # some copies joined their photo, some did not
 
 
 def test_the_split_is_the_same_when_the_folder_is_nested_one_level_deeper(tmp_path):

@@ -62,6 +62,7 @@ def test_the_classifier_distance_is_zero_for_a_set_against_itself_and_grows_with
     monkeypatch.setattr(common, "DEFAULT_DATA", tmp_path / "empty")
     (tmp_path / "empty").mkdir()
     catalogue = common.load_catalogue(None, image_size=32)
+    catalogue.images = catalogue.images.float() / 255  # as compare.main measures
     args = SimpleNamespace(out=tmp_path, seed=0, classifier_epochs=2, device=torch.device("cpu"))
     classifier, classes = compare.train_classifier(catalogue, args)
     assert classes == sorted(set(catalogue.metadata["ProductType"]))

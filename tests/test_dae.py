@@ -90,12 +90,13 @@ def test_jpeg_noise_is_a_real_jpeg_and_a_lower_quality_does_more_damage():
 
 def test_run_epoch_compares_the_output_with_the_clean_images():
     torch.manual_seed(0)
-    images = torch.rand(10, 3, 8, 8)  # batches of 4, 4 and 2
+    photos = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)  # batches of 4, 4 and 2
+    images = photos.float() / 255  # what the model is shown (before the noise)
     args = epoch_args(noise="gaussian", noise_strength=0.2)
-    result = dae.run_epoch(Constant(), images, args)
+    result = dae.run_epoch(Constant(), photos, args)
     assert result["loss"] == pytest.approx(per_image_mean(lambda x: ((x - 0.5) ** 2).sum().item(), images))
     assert result["psnr"] == pytest.approx(per_image_mean(lambda x: -10 * math.log10(((x - 0.5) ** 2).mean()), images))
-    copy = dae.run_epoch(torch.nn.Identity(), images, args)  # returns the noisy input: loss is the noise, not 0
+    copy = dae.run_epoch(torch.nn.Identity(), photos, args)  # returns the noisy input: loss is the noise, not 0
     assert copy["loss"] > 3 and copy["psnr"] == pytest.approx(copy["psnr_noisy"])
 
 

@@ -88,8 +88,9 @@ class ConstantVAE(torch.nn.Module):
 
 def test_run_epoch_returns_per_image_means_also_when_the_last_batch_is_smaller():
     torch.manual_seed(0)
-    images = torch.rand(10, 3, 8, 8)  # batches of 4, 4 and 2, each with its own decoder variance
-    result = vae.run_epoch(ConstantVAE(), images, epoch_args(beta=2.0))
+    photos = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)  # batches of 4, 4 and 2, each its own variance
+    result = vae.run_epoch(ConstantVAE(), photos, epoch_args(beta=2.0))
+    images = photos.float() / 255  # what the model is shown
     by_hand = {"reconstruction": 0, "variance": 0}
     for batch in images.split(4):
         variance = ((batch - 0.5) ** 2).mean().item()
