@@ -704,5 +704,5 @@ def shown_products(catalogue, count):
 def pick(metadata, index, column, value, otherwise=0):
     """The first of the given products whose metadata column equals value; if none does (a folder
     without fashion.csv, say), the product at position `otherwise`, spread over the index."""
-    matches = [i for i in index.tolist() if metadata.at[i, column] == value]
-    return matches[0] if matches else index[otherwise * len(index) // 8 % len(index)].item()
+    matches = np.flatnonzero(metadata[column].to_numpy()[index.numpy()] == value)  # positions within index
+    return index[matches[0] if len(matches) else otherwise * len(index) // 8 % len(index)].item()

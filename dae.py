@@ -253,24 +253,29 @@ def evaluate_denoising(model, catalogue, args):
     shown = torch.linspace(0, len(clean) - 1, 8).long()  # the figures' products: fixed positions in the test set
     levels = [(args.noise, round(factor * args.noise_strength, 4)) for factor in (0, 0.5, 1, 1.5, 2)]
     levels += [(kind, args.noise_strength) for kind in NOISE_KINDS if kind != args.noise]
+
+    def candidates(noisy):  # what each contender makes of noisy photos
+        return {"noisy input": noisy, "median filter (3)": pillow_filter(noisy, ImageFilter.MedianFilter(3)),
+                "gaussian blur (1)": pillow_filter(noisy, ImageFilter.GaussianBlur(1)),
+                "DAE": denoise_all(model, noisy, args)}
+
     rows, outputs = [], {}
     for kind, strength in levels:
         noisy = add_noise(clean, kind, strength, torch.Generator().manual_seed(args.seed))
-        candidates = {"noisy input": noisy,
-                      "median filter (3)": pillow_filter(noisy, ImageFilter.MedianFilter(3)),
-                      "gaussian blur (1)": pillow_filter(noisy, ImageFilter.GaussianBlur(1)),
-                      "DAE": denoise_all(model, noisy, args)}
+        # A block of products at a time: four outputs for the whole test set need not be in memory at once.
+        scores = [{name: psnr(images, clean[block]) for name, images in candidates(noisy[block]).items()}
+                  for block in torch.arange(len(clean)).split(1024)]
         rows.append({"noise": kind + (" (trained on)" if kind == args.noise else ""), "strength": strength,
-                     **{name: psnr(images, clean).mean().item() for name, images in candidates.items()}})
+                     **{name: torch.cat([score[name] for score in scores]).mean().item() for name in scores[0]}})
         if strength == 0:  # the input is the clean photo itself: its PSNR is no measure
             rows[-1]["noisy input"] = ""
         if strength == args.noise_strength:
-            outputs[kind] = {"clean": clean[shown], **{name: images[shown] for name, images in candidates.items()}}
+            outputs[kind] = {"clean": clean[shown], **candidates(noisy[shown])}
     print(f"denoising the {len(clean)} test products, PSNR in dB (higher is better):")
-    print(f"  {'noise':28s}{'strength':>9s}" + "".join(f"{name:>19s}" for name in rows[0] if name in candidates))
+    print(f"  {'noise':28s}{'strength':>9s}" + "".join(f"{name:>19s}" for name in list(rows[0])[2:]))
     for row in rows:
         print(f"  {row['noise']:28s}{row['strength']:9.3f}" + "".join(f"{row[name]:19.2f}" if row[name] != "" else
-                                                                      f"{'-':>19s}" for name in candidates))
+                                                                      f"{'-':>19s}" for name in list(row)[2:]))
     with open(args.out / "denoising.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

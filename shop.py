@@ -45,7 +45,7 @@ def figures(samples_by_epoch, name, encode, decode_codes, codes, losses, catalog
               "Test products and their reconstructions" + tag, out / "reconstructions.png")
     plot_latent_map(codes, catalogue, f"Test codes of the {name} (PCA)", out / "latent_map.png")
     # "More like this": the encoder as a search engine, tested with the test products as queries.
-    neighbours = evaluate_search(encode, catalogue, args)
+    neighbours = evaluate_search(encode, codes, catalogue, args)
     search_figures(catalogue, neighbours, lambda batch: decode_codes(encode(batch)), name, tag, out)
     rows, labels = interpolation_rows(encode, decode_codes, catalogue)
     show_rows(rows, labels, "Interpolating between two test products in latent space" + tag, out / "interpolations.png")
@@ -105,14 +105,15 @@ def precision_at_k(query_labels, catalogue_labels, neighbours):
     return sum(map(sum, hits)) / max(1, sum(map(len, hits)))
 
 
-def evaluate_search(encode, catalogue, args):
-    """Each test product as a query against the training products (the catalogue): precision@5 by
-    ProductType and Colour, the index's size and the time of a query as a user makes it (encode one
-    photo, then search), into OUT/search.csv. Returns the neighbours (N_test, 5)."""
+def evaluate_search(encode, codes, catalogue, args):
+    """Each test product as a query against the training products (the catalogue), with every
+    product's `codes`: precision@5 by ProductType and Colour, the index's size and the time of a
+    query as a user makes it (encode one photo, then search), into OUT/search.csv. Returns the
+    neighbours (N_test, 5)."""
     images, metadata, train, test = catalogue.images, catalogue.metadata, catalogue.train_index, catalogue.test_index
-    index, k = unit(encode(images[train])), min(5, len(train))
+    index, k = unit(codes[train]), min(5, len(train))
     k = min(k, len(catalogue.groups[train].unique()))
-    neighbours = train[search(encode(images[test]), index, k, catalogue.groups[train])]  # (N_test, k) catalogue rows
+    neighbours = train[search(codes[test], index, k, catalogue.groups[train])]  # (N_test, k) catalogue rows
     tick = time.perf_counter()
     for i in test[:50].tolist():
         search(encode(images[i:i + 1]), index, k, catalogue.groups[train])

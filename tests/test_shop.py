@@ -29,7 +29,9 @@ def test_precision_at_k_on_a_hand_made_example():
 def test_the_search_index_holds_training_products_only(tiny_catalogue, tmp_path):
     catalogue = common.load_catalogue(tiny_catalogue, image_size=32)
     # Pixels as codes: a test product in the index would be its own first neighbour.
-    neighbours = shop.evaluate_search(lambda images: images.flatten(1).float(), catalogue, SimpleNamespace(out=tmp_path))
+    pixels = catalogue.images.flatten(1).float()
+    neighbours = shop.evaluate_search(lambda images: images.flatten(1).float(), pixels, catalogue,
+                                      SimpleNamespace(out=tmp_path))
     assert neighbours.shape == (len(catalogue.test_index), 5)
     assert set(neighbours.flatten().tolist()) <= set(catalogue.train_index.tolist())
     assert "precision@5_ProductType" in (tmp_path / "search.csv").read_text()
