@@ -25,7 +25,7 @@ import os
 import random
 import shlex
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,10 +174,12 @@ def cache_key(root, paths, csv_path, size):
 
 
 def decode_all(paths, size):
-    # Pillow releases the GIL while it decodes and resizes, so threads use every core.
-    workers = min(os.cpu_count() or 1, 8)
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(decode, paths, [size] * len(paths)))
+    # Between Pillow's calls, framing a photo is Python, and threads would take turns at Python's
+    # lock (measured: two threads decode barely faster than one). Processes keep every core busy;
+    # each is handed the files 64 at a time.
+    workers = min(os.cpu_count() or 1, 8, len(paths))
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(decode, paths, [size] * len(paths), chunksize=64))
 
 
 def load_folder(root, size, cache_dir):

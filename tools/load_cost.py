@@ -2,9 +2,9 @@
 
     python tools/load_cost.py ../shared/fashion-images --image-size 64
 
-Prints: Pillow's draft decode of every file (the floor: threads over the cores, as the loader
-uses), the loader's decode + framing, the near-copy grouping, a cold load_catalogue (fresh cache)
-and a warm one (from that cache).
+Prints: Pillow's draft decode of every file (the floor), over the cores with threads and with
+processes (the loader's way); the loader's decode + framing; the near-copy grouping; a cold
+load_catalogue (fresh cache) and a warm one (from that cache).
 """
 
 import argparse
@@ -12,9 +12,10 @@ import os
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -42,10 +43,13 @@ def main():
     paths = common.find_images(args.data)
     print(f"{len(paths)} files, {args.image_size} px, {os.cpu_count()} cores")
     size = args.image_size
-    with ThreadPoolExecutor(min(os.cpu_count() or 1, 8)) as pool:
-        timed("Pillow draft decode", lambda: list(pool.map(draft_decode, paths, [size] * len(paths))))
+    workers = min(os.cpu_count() or 1, 8)
+    with ThreadPoolExecutor(workers) as pool:
+        timed("Pillow draft decode, threads", lambda: list(pool.map(draft_decode, paths, [size] * len(paths))))
+    with ProcessPoolExecutor(workers) as pool:
+        timed("Pillow draft decode, processes",
+              lambda: list(pool.map(draft_decode, paths, [size] * len(paths), chunksize=64)))
     arrays = timed("decode + framing", common.decode_all, paths, size)
-    import numpy as np
     timed("near-copy grouping", common.near_copy_groups, np.stack([a for a in arrays if a is not None]))
     del arrays
     with tempfile.TemporaryDirectory() as cache:
