@@ -40,7 +40,7 @@ from PIL import Image, ImageFilter
 from torch import nn
 
 from common import (REPO, add_run_flags, check_flags, end_epoch, epoch_row, load_catalogue, log_epoch, plot_curves,
-                    prepare_out, resume_training, show_rows, start_run, stop_cleanly)
+                    prepare_out, resume_training, show_rows, shown_products, start_run, stop_cleanly)
 import shop
 
 
@@ -74,6 +74,9 @@ def parse_args(argv=None):
 SCRIPT = Path(__file__).name  # saved in the checkpoint, so that another script's model is refused
 MODEL_FLAGS = ("latent_dim", "image_size", "noise", "noise_strength")  # what the model is: taken from a checkpoint
 TRAINING_FLAGS = ("epochs", "batch_size", "lr", "seed")  # how it was trained: taken from it by --resume
+# The denoising table scores 4 contenders at 7 noise levels on at most this many test products, spread
+# over the test set: enough for its two decimals, and it stays in proportion to an epoch on a large catalogue.
+TABLE_PRODUCTS = 1000
 
 
 # ----------------------------------------------------------------------------- noise
@@ -249,7 +252,7 @@ def evaluate_denoising(model, catalogue, args):
     """PSNR on the test set (seeded noise) of the noisy input, two filters and the DAE: the trained
     kind from no noise to twice --noise-strength, then every other kind at --noise-strength. Returns
     the table's rows and, for the figures, 8 products' images of each kind at --noise-strength."""
-    clean = catalogue.images[catalogue.test_index].float() / 255
+    clean = catalogue.images[shown_products(catalogue, min(TABLE_PRODUCTS, len(catalogue.test_index)))].float() / 255
     shown = torch.linspace(0, len(clean) - 1, 8).long()  # the figures' products: fixed positions in the test set
     levels = [(args.noise, round(factor * args.noise_strength, 4)) for factor in (0, 0.5, 1, 1.5, 2)]
     levels += [(kind, args.noise_strength) for kind in NOISE_KINDS if kind != args.noise]
@@ -271,7 +274,8 @@ def evaluate_denoising(model, catalogue, args):
             rows[-1]["noisy input"] = ""
         if strength == args.noise_strength:
             outputs[kind] = {"clean": clean[shown], **candidates(noisy[shown])}
-    print(f"denoising the {len(clean)} test products, PSNR in dB (higher is better):")
+    print(f"denoising the {len(clean)} test products" + (f" (of {len(catalogue.test_index)}, spread over them)" if
+          len(clean) < len(catalogue.test_index) else "") + ", PSNR in dB (higher is better):")
     print(f"  {'noise':28s}{'strength':>9s}" + "".join(f"{name:>19s}" for name in list(rows[0])[2:]))
     for row in rows:
         print(f"  {row['noise']:28s}{row['strength']:9.3f}" + "".join(f"{row[name]:19.2f}" if row[name] != "" else

@@ -76,10 +76,13 @@ def cosine_similarity(queries, catalogue):
     return unit(queries) @ unit(catalogue).T
 
 
-def search(queries, index, k=5, groups=None):
+def search(queries, index, k=5, groups=None, block=256):
     """Indices (into index) of the k most similar rows for each query row, best first. The index is
     built once, with unit(), so a query costs one matrix product. With `groups` (a near-copy group
-    id per index row) the k rows are k distinct products: one photo listed twice counts once."""
+    id per index row) the k rows are k distinct products: one photo listed twice counts once.
+    Queries are taken `block` at a time: all against all would be 300 MB at 29,000 products."""
+    if len(queries) > block:
+        return torch.cat([search(part, index, k, groups, block) for part in queries.split(block)])
     similarity = unit(queries) @ index.T  # (N_queries, N_index)
     if groups is None:
         return similarity.topk(k, dim=1).indices  # (N_queries, k)

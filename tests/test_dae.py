@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import dae
 from conftest import Constant, epoch_args, losses_over_steps, per_image_mean
 
@@ -98,6 +99,22 @@ def test_run_epoch_compares_the_output_with_the_clean_images():
     assert result["psnr"] == pytest.approx(per_image_mean(lambda x: -10 * math.log10(((x - 0.5) ** 2).mean()), images))
     copy = dae.run_epoch(torch.nn.Identity(), photos, args)  # returns the noisy input: loss is the noise, not 0
     assert copy["loss"] > 3 and copy["psnr"] == pytest.approx(copy["psnr_noisy"])
+
+
+def test_the_denoising_table_scores_at_most_table_products_spread_over_the_test_set(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "DEFAULT_DATA", tmp_path / "empty")
+    catalogue = common.load_catalogue(None, image_size=32)  # the synthetic catalogue: 60 test products
+    monkeypatch.setattr(dae, "TABLE_PRODUCTS", 3)
+    torch.manual_seed(0)
+    model = dae.DenoisingAutoencoder(32, 8).eval()
+    args = epoch_args(noise="gaussian", noise_strength=0.1, seed=0, out=tmp_path)
+    rows, _ = dae.evaluate_denoising(model, catalogue, args)
+    test = catalogue.test_index
+    clean = catalogue.images[test[[0, (len(test) - 1) // 2, len(test) - 1]]].float() / 255  # first, middle, last
+    with torch.no_grad():  # strength 0: the DAE is handed the clean photos themselves
+        assert rows[0]["DAE"] == pytest.approx(dae.psnr(model(clean), clean).mean().item(), abs=1e-4)
+        everything = catalogue.images[test].float() / 255
+        assert rows[0]["DAE"] != pytest.approx(dae.psnr(model(everything), everything).mean().item(), abs=1e-2)
 
 
 def test_a_few_steps_on_one_batch_lower_the_loss():

@@ -55,3 +55,13 @@ def test_search_with_groups_lists_each_product_once():
     assert shop.search(query, index, k=3).tolist() == [[0, 1, 2]]
     assert shop.search(query, index, k=3, groups=groups).tolist() == [[0, 2, 3]]
     assert shop.first_of_each_group([1, 0, 4, 2], groups, 2) == [1, 4]
+
+
+def test_search_in_blocks_of_queries_answers_as_all_at_once():
+    generator = torch.Generator().manual_seed(0)
+    queries, index = torch.randn(50, 8, generator=generator), shop.unit(torch.randn(40, 8, generator=generator))
+    groups = torch.arange(40) // 2  # pairs of copies
+    for grouped in (None, groups):
+        whole = shop.search(queries, index, k=5, groups=grouped, block=1000)
+        assert whole.shape == (50, 5)
+        assert torch.equal(shop.search(queries, index, k=5, groups=grouped, block=7), whole)  # 7 blocks, the last short
