@@ -204,8 +204,8 @@ def encode_all(model, images, args):
 
 @torch.no_grad()
 def loss_per_image(model, images, args):
-    """Each photo's (uint8) loss on its own, so that products can be ranked: (N,). A photo unlike the ones
-    trained on comes back worst."""
+    """Each photo's (uint8) loss on its own, so that products can be ranked: (N,). A photo unlike
+    the ones trained on comes back worst."""
     model.eval()
     losses = []
     for batch in images.split(args.batch_size):

@@ -186,8 +186,8 @@ def run_epoch(model, images, args, optimizer=None, generator=None):
     sums = torch.zeros(3)
     for start in range(0, len(images), args.batch_size):
         # The photos are kept as bytes, a quarter of float32's memory: a batch becomes floats in [0, 1] here.
-        batch = images[order[start:start + args.batch_size]].to(args.device, memory_format=torch.channels_last)
-        batch = batch.float() / 255
+        batch = images[order[start:start + args.batch_size]].float() / 255
+        batch = batch.to(args.device, memory_format=torch.channels_last)
         # Fresh noise every batch. A user does not know how noisy a photo is, so training draws each
         # image's strength from [0, 2 x --noise-strength] and the model learns to clean every level
         # ("blind" denoising); the test uses --noise-strength itself.
@@ -253,7 +253,7 @@ def evaluate_denoising(model, catalogue, args):
     kind from no noise to twice --noise-strength, then every other kind at --noise-strength. Returns
     the table's rows and, for the figures, 8 products' images of each kind at --noise-strength."""
     clean = catalogue.images[shown_products(catalogue, min(TABLE_PRODUCTS, len(catalogue.test_index)))].float() / 255
-    shown = torch.linspace(0, len(clean) - 1, 8).long()  # the figures' products: fixed positions in the test set
+    shown = torch.linspace(0, len(clean) - 1, 8).long()  # the figures' 8 products: fixed, spread over those scored
     levels = [(args.noise, round(factor * args.noise_strength, 4)) for factor in (0, 0.5, 1, 1.5, 2)]
     levels += [(kind, args.noise_strength) for kind in NOISE_KINDS if kind != args.noise]
 
