@@ -229,14 +229,18 @@ def fit_code_distribution(codes, kinds):
     never all the way), so z ~ N(0, I) often lands where no product's code is; a Gaussian fitted to
     where the codes are (Ghosh et al. 2019, "From Variational to Deterministic Autoencoders") draws
     products. And the codes are a cluster per kind of product, not one blob: a mixture of one
-    Gaussian per kind, weighted by its share, fits them. A kind with n photos keeps n / (n + latent)
-    of its own covariance and borrows the rest from all codes, so a rare kind still gets one."""
+    Gaussian per kind, weighted by its share, fits them. A full covariance needs as many photos as
+    the code has numbers: a kind with fewer (n < latent) keeps n / latent of its own and borrows the
+    rest from how codes spread around their own kind's mean, pooled over the kinds; not from all
+    codes, whose spread is mostly the distance between kinds, and would draw other kinds."""
     everything, per_kind = fit_gaussian(codes), {}
-    for kind in sorted(set(kinds)):
-        members = codes[[i for i, label in enumerate(kinds) if label == kind]]
-        own, share = fit_gaussian(members), len(members) / (len(members) + codes.shape[1])
+    groups = {kind: codes[[i for i, label in enumerate(kinds) if label == kind]] for kind in sorted(set(kinds))}
+    spread = sum((m - m.mean(0)).T @ (m - m.mean(0)) for m in groups.values())  # (latent, latent)
+    within = spread / max(1, len(codes) - len(groups)) + RIDGE * torch.eye(codes.shape[1])
+    for kind, members in groups.items():
+        own, share = fit_gaussian(members), min(1.0, len(members) / codes.shape[1])
         per_kind[kind] = {"mean": own["mean"], "weight": len(members) / len(codes),
-                          "covariance": share * own["covariance"] + (1 - share) * everything["covariance"]}
+                          "covariance": share * own["covariance"] + (1 - share) * within}
     return {"all": {"all": everything}, "kinds": per_kind}  # each a mixture {name: Gaussian} for sample_codes
 
 

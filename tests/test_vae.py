@@ -205,7 +205,7 @@ def test_samples_of_a_chosen_type_come_from_that_types_gaussian(smoke_flags, tmp
         vae.main([*smoke_flags, "--figures-only", "--num-samples", "3", "--product-type", "Sandals"])
 
 
-def test_a_mixture_draws_each_kind_by_its_weight_and_a_rare_kind_borrows_the_shared_covariance():
+def test_a_mixture_draws_each_kind_by_its_weight_and_a_rare_kind_borrows_the_spread_within_kinds():
     torch.manual_seed(0)
     codes = torch.cat([torch.randn(300, 2) * 0.1 + torch.tensor([5.0, 0]), torch.randn(100, 2) * 0.1 - 5,
                        torch.tensor([[0.0, 3.0]])])
@@ -215,8 +215,13 @@ def test_a_mixture_draws_each_kind_by_its_weight_and_a_rare_kind_borrows_the_sha
     z = vae.sample_codes(fitted["kinds"], 20000, torch.Generator().manual_seed(1))
     assert (z[:, 0] > 2.5).float().mean() == pytest.approx(300 / 401, abs=0.02)  # the shoes' cluster
     assert (z[:, 0] < -2.5).float().mean() == pytest.approx(100 / 401, abs=0.02)  # the shirts'
-    # One hat: its own covariance is nothing, so it is 1/3 its own and 2/3 that of all codes.
-    assert torch.allclose(fitted["kinds"]["hat"]["covariance"],
-                          (1 / 3) * 1e-3 * torch.eye(2) + (2 / 3) * fitted["all"]["all"]["covariance"], atol=1e-6)
+    # Kinds with at least as many photos as the code has numbers (2) keep their own covariance.
+    assert torch.allclose(fitted["kinds"]["shoe"]["covariance"], torch.cov(codes[:300].T) + 1e-3 * torch.eye(2))
+    # One hat: its own covariance is nothing, so it is 1/2 its own and 1/2 the spread around each kind's mean.
+    within = (torch.cov(codes[:300].T) * 299 + torch.cov(codes[300:400].T) * 99) / (401 - 3)
+    expected = 0.5 * 1e-3 * torch.eye(2) + 0.5 * (within + 1e-3 * torch.eye(2))
+    assert torch.allclose(fitted["kinds"]["hat"]["covariance"], expected, atol=1e-6)
+    hats = vae.sample_codes({"hat": fitted["kinds"]["hat"]}, 1000, torch.Generator().manual_seed(3))
+    assert ((hats - torch.tensor([0.0, 3.0])).norm(dim=1) < 0.5).all()  # a hat, not a shoe or a shirt
     shirts = vae.sample_codes({"shirt": fitted["kinds"]["shirt"]}, 1000, torch.Generator().manual_seed(2))
     assert (shirts[:, 0] < -2.5).all()
