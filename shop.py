@@ -187,7 +187,7 @@ def read_query(query, catalogue, image_size):
         pixels = decode(Path(query), image_size)
         if pixels is None:
             raise SystemExit(f"error: --query {query}: not a readable image")
-        return torch.from_numpy(pixels).permute(2, 0, 1), Path(query).stem  # bytes, as the catalogue's
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1), Path(query).stem  # bytes, as the catalogue's
     if (metadata["ProductId"] == query).any():
         return catalogue.images[(metadata["ProductId"] == query).values.argmax()], query
     raise SystemExit(f"error: --query {query}: no such file, and no product with this ProductId")
