@@ -15,6 +15,7 @@ as the AE's code) on four axes:
                      this script trains on the training photos' ProductType ("classifier FD", the
                      idea of FID), and on the principal components of 16x16 thumbnails ("pixel FD");
                      and samples of one type (TYPES), how often the classifier calls them that type
+                     (and its reconstructions of the test photos of that type: what blur alone costs)
     cost             seconds per training epoch (median) and parameters, from each checkpoint
 
 Run:    python compare.py                        (after the three default runs)
@@ -267,6 +268,10 @@ def measure(name, functions, catalogue, features, classify, args):
         if kind in fitted["kinds"]:
             z = ae.sample_codes({kind: fitted["kinds"][kind]}, 200, torch.Generator().manual_seed(args.seed))
             row[f"recognised_{kind}"] = sum(label == kind for label in classify(functions["decode"](z))) / 200
+            # The same question of its reconstructions of real test photos of that type: what blur alone costs.
+            real = [i for i in test.tolist() if metadata.at[i, "ProductType"] == kind]
+            row[f"recognised_{kind}_reconstructed"] = None if not real else float(np.mean(
+                [label == kind for label in classify(functions["reconstruct"](images[real]))]))
     return row
 
 
@@ -341,13 +346,15 @@ def main(argv=None):
              "classifier_fd_blurred": frechet(features["classifier"](blurred), features["classifier_train"]),
              "pixel_fd_blurred": frechet(to_pixels(blurred), features["pixels_train"])}
     table = markdown_table(rows)
-    recognised = "; ".join(f"{row['model']} " + ", ".join(f"{kind} {row[f'recognised_{kind}']:.2f}" for kind in TYPES
-                                                          if f"recognised_{kind}" in row)
+    recognised = "; ".join(f"{row['model']} " + ", ".join(f"{kind} {row[f'recognised_{kind}']:.2f} (reconstructions "
+                                                          f"{cell(row[f'recognised_{kind}_reconstructed'], 2)})"
+                                                          for kind in TYPES if f"recognised_{kind}" in row)
                            for row in rows if any(f"recognised_{kind}" in row for kind in TYPES))
     note = (f"FD of the {len(test_photos)} test photos against the training photos: classifier "
             f"{floor['classifier_fd']:.1f}, pixel {floor['pixel_fd']:.2f}; of the training photos blurred by 1 px: "
             f"{floor['classifier_fd_blurred']:.1f}, {floor['pixel_fd_blurred']:.2f}. "
-            f"Samples of one type that the classifier calls that type: {recognised}")
+            f"Samples of one type that the classifier calls that type (and reconstructions of the test photos of "
+            f"that type): {recognised}")
     print(table + "\n" + note)
     (args.out / "table.md").write_text(table + "\n\n" + note + "\n")
     (args.out / "summary.json").write_text(json.dumps({"rows": rows, "floor": floor}, indent=1))

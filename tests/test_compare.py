@@ -40,6 +40,7 @@ def test_every_model_and_baseline_gets_every_column(three_models, tmp_path, caps
     assert {"classifier_fd_mixture", "classifier_fd_one", "classifier_fd_prior", "pixel_fd_mixture",
             "recognised_Tshirts"} <= set(by_name["vae.py"])
     assert 0 <= by_name["ae.py"]["recognised_Tshirts"] <= 1 and "recognised_Sports Shoes" not in by_name["ae.py"]
+    assert 0 <= by_name["ae.py"]["recognised_Tshirts_reconstructed"] <= 1
     assert by_name["ae.py"]["parameters"] > 1000 and by_name["ae.py"]["seconds_per_epoch"] > 0
     assert by_name["raw pixels"]["psnr_clean"] is None and by_name["PCA, 8 components"]["psnr_clean"] > 10
     table = (tmp_path / "compare" / "table.md").read_text()
