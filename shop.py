@@ -52,12 +52,23 @@ def figures(samples_by_epoch, name, encode, decode_codes, codes, losses, catalog
     # Attribute edits: add the "Black" direction to the codes of products of other colours.
     edited = [i for i in shown.tolist() if metadata.at[i, "Colour"] != "Black"][:6]
     if (metadata["Colour"] == "Black").any() and edited:
-        directions = torch.stack([attribute_direction(codes, metadata, catalogue.train_index, "Colour", "Black",
-                                                      metadata.at[i, "Category"]) for i in edited])
+        directions = {category: attribute_direction(codes, metadata, catalogue.train_index, "Colour", "Black", NEUTRAL,
+                                                    category) for category in set(metadata["Category"])}
         strengths = [0, 0.5, 1, 1.5]
-        show_rows([decode_codes(codes[edited] + s * directions) for s in strengths],
+        along = torch.stack([directions[metadata.at[i, "Category"]] for i in edited])
+        show_rows([decode_codes(codes[edited] + s * along) for s in strengths],
                   [f"+{s} x black" for s in strengths], 'Attribute edit: adding the "Black" direction' + tag,
                   out / "attribute_edit.png")
+        # Does it darken without a colour cast? Measured on every test product that is not black.
+        others = [i for i in catalogue.test_index.tolist() if metadata.at[i, "Colour"] != "Black"]
+        along = torch.stack([directions[metadata.at[i, "Category"]] for i in others])
+        (light, cast), (dark, dark_cast) = (colour_of_products(decode_codes(codes[others] + s * along),
+                                                               images[others].float() / 255) for s in (0, 1.5))
+        black = [i for i in catalogue.test_index.tolist() if metadata.at[i, "Colour"] == "Black"]
+        black_photos = images[black].float() / 255
+        print(f"attribute edit, +1.5 x black on the {len(others)} test products of other colours: luminance "
+              f"{light.mean():.2f} -> {dark.mean():.2f}, (G + B) / 2 - R {cast.mean():+.3f} -> {dark_cast.mean():+.3f} "
+              f"(the black test products' photos: {colour_of_products(black_photos, black_photos)[1].mean():+.3f})")
     # Catalogue QA: the test products the model finds hardest, by their own loss.
     order = catalogue.test_index[losses.argsort(descending=True)].tolist()
     worst = torch.tensor(first_of_each_group(order, catalogue.groups, 8))  # one photo listed twice shows once
@@ -315,16 +326,33 @@ def interpolation_rows(encode, decode_codes, catalogue, steps=8):
     return rows, labels
 
 
-def attribute_direction(codes, metadata, train_index, column, value, category):
-    """The mean code of the training products with `value` in `column` minus the mean code of the
-    other training products, within one Category: most black products are shoes, so across
-    categories the "black" direction would also turn a T-shirt into a shoe. Test products never
+NEUTRAL = ("White", "Off White", "Grey", "Grey Melange", "Silver", "Charcoal")  # colours without a hue
+
+
+def attribute_direction(codes, metadata, train_index, column, value, reference, category):
+    """The mean code of the training products with `value` in `column` minus that of those with a
+    `reference` value, within one Category: most black products are shoes, so across categories the
+    "black" direction would also turn a T-shirt into a shoe. Against every other colour, it would
+    also take away their average colour, which is warm (brown, red, pink, beige), and paint a white
+    T-shirt teal; against the colours without a hue (NEUTRAL) it only darkens. Test products never
     count. Zero when either side is empty."""
     train = torch.zeros(len(codes), dtype=torch.bool)
     train[train_index] = True
     same = train & torch.tensor((metadata["Category"] == category).values)
-    has = torch.tensor((metadata[column] == value).values)
-    inside, outside = same & has, same & ~has
+    inside = same & torch.tensor((metadata[column] == value).values)
+    outside = same & torch.tensor(metadata[column].isin(reference).values)
     if not (inside.any() and outside.any()):
         return torch.zeros(codes.shape[1])
     return codes[inside].mean(0) - codes[outside].mean(0)
+
+
+def colour_of_products(images, photos):
+    """Mean luminance and (G + B) / 2 - R (above 0: a cold, blue-green cast) of each image (N,),
+    over its product's pixels: those where the photo (N, 3, S, S) is darker than near-white."""
+    product = (photos.min(1).values < 0.9).float()  # (N, S, S)
+    red, green, blue = images.unbind(1)
+
+    def mean_over_product(values):
+        return (values * product).sum((1, 2)) / product.sum((1, 2)).clamp_min(1)
+
+    return mean_over_product(0.299 * red + 0.587 * green + 0.114 * blue), mean_over_product((green + blue) / 2 - red)

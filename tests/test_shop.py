@@ -43,9 +43,10 @@ def test_the_attribute_direction_uses_training_products_only():
     codes = torch.arange(16.0).view(8, 2)
     train = torch.tensor([0, 1, 2, 3, 6, 7])  # products 4 and 5 are test products
     codes[4:6] = 1000.0  # if a test product counted, the direction would be huge
-    direction = shop.attribute_direction(codes, metadata, train, "Colour", "Black", "Apparel")
+    direction = shop.attribute_direction(codes, metadata, train, "Colour", "Black", ["Red", "Blue"], "Apparel")
     assert torch.equal(direction, codes[[0, 1]].mean(0) - codes[[2, 3]].mean(0))
-    assert torch.equal(shop.attribute_direction(codes, metadata, train, "Colour", "Green", "Apparel"), torch.zeros(2))
+    assert torch.equal(shop.attribute_direction(codes, metadata, train, "Colour", "Green", ["Red"], "Apparel"),
+                       torch.zeros(2))
 
 
 def test_search_with_groups_lists_each_product_once():
@@ -65,3 +66,20 @@ def test_search_in_blocks_of_queries_answers_as_all_at_once():
         whole = shop.search(queries, index, k=5, groups=grouped, block=1000)
         assert whole.shape == (50, 5)
         assert torch.equal(shop.search(queries, index, k=5, groups=grouped, block=7), whole)  # 7 blocks, the last short
+
+
+def test_the_black_direction_is_taken_against_the_colours_without_a_hue():
+    metadata = pd.DataFrame({"Category": ["Apparel"] * 5, "Colour": ["Black", "Black", "White", "Grey", "Brown"]})
+    codes = torch.tensor([[0.0, 0], [2, 0], [10, 0], [12, 0], [50, 50]])
+    direction = shop.attribute_direction(codes, metadata, torch.arange(5), "Colour", "Black", shop.NEUTRAL, "Apparel")
+    assert torch.equal(direction, torch.tensor([-10.0, 0]))  # the brown product's warmth stays out of it
+
+
+def test_the_colour_of_a_product_is_read_on_its_own_pixels():
+    photos = torch.ones(1, 3, 8, 8)  # a white photo with a grey product in its top left quarter
+    photos[:, :, :4, :4] = 0.5
+    images = torch.zeros(1, 3, 8, 8)  # the background, black here, must not count
+    images[0, :, :4, :4] = torch.tensor([0.3, 0.5, 0.5]).view(3, 1, 1)  # the product turned blue-green
+    luminance, cast = shop.colour_of_products(images, photos)
+    assert luminance.item() == pytest.approx(0.299 * 0.3 + 0.587 * 0.5 + 0.114 * 0.5)
+    assert cast.item() == pytest.approx(0.2)
