@@ -11,7 +11,7 @@ loader, the device selector, and a run's bookkeeping (checkpoints, metrics rows,
 Each photo is decoded, its white margin cropped, padded to a white square (never stretched) and
 resized. The result is cached in data/processed/, so only the first run pays for decoding. The
 photos stay bytes (0-255), a quarter of the memory of floats: a catalogue of 44,000 photos at
-128 px is 2.2 GB so, 8.7 GB as float32. A model makes each batch floats when it reads it.
+128 px is 2.2 GB as bytes, 8.7 GB as float32. A model makes each batch floats when it reads it.
 
 The dataset lists some photos under several ProductIds (byte-identical files, or the same photo
 re-encoded). A copy of a test photo in the training set would make the test score a memory test,

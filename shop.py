@@ -54,18 +54,19 @@ def figures(samples_by_epoch, name, encode, decode_codes, codes, losses, catalog
     if (metadata["Colour"] == "Black").any() and edited:
         directions = {category: attribute_direction(codes, metadata, catalogue.train_index, "Colour", "Black", NEUTRAL,
                                                     category) for category in set(metadata["Category"])}
+        def edit(products, strength):  # each product's code moved along its own category's direction
+            along = torch.stack([directions[metadata.at[i, "Category"]] for i in products])
+            return decode_codes(codes[products] + strength * along)
+
         strengths = [0, 0.5, 1, 1.5]
-        along = torch.stack([directions[metadata.at[i, "Category"]] for i in edited])
-        show_rows([decode_codes(codes[edited] + s * along) for s in strengths],
-                  [f"+{s} x black" for s in strengths], 'Attribute edit: adding the "Black" direction' + tag,
-                  out / "attribute_edit.png")
+        show_rows([edit(edited, s) for s in strengths], [f"+{s} x black" for s in strengths],
+                  'Attribute edit: adding the "Black" direction' + tag, out / "attribute_edit.png")
         # Does it darken without a colour cast? Measured on the test products that are not black (at
         # most 1,000 of them, spread over the test set: a larger catalogue's figures stay cheap).
         measured = shown_products(catalogue, min(1000, len(catalogue.test_index))).tolist()
         others = [i for i in measured if metadata.at[i, "Colour"] != "Black"]
-        along = torch.stack([directions[metadata.at[i, "Category"]] for i in others])
-        (light, cast), (dark, dark_cast) = (colour_of_products(decode_codes(codes[others] + s * along),
-                                                               images[others].float() / 255) for s in (0, 1.5))
+        (light, cast), (dark, dark_cast) = (colour_of_products(edit(others, s), images[others].float() / 255)
+                                            for s in (0, 1.5))
         black = [i for i in measured if metadata.at[i, "Colour"] == "Black"]
         black_photos = images[black].float() / 255
         print(f"attribute edit, +1.5 x black on the {len(others)} test products of other colours: luminance "

@@ -249,8 +249,8 @@ def fit_code_distribution(codes, kinds):
     where the codes are (Ghosh et al. 2019, "From Variational to Deterministic Autoencoders") draws
     products. And the codes are a cluster per kind of product, not one blob: a mixture of one
     Gaussian per kind, weighted by its share, fits them. A full covariance needs as many photos as
-    the code has numbers: a rarer kind keeps n / latent of its own and borrows the rest from how codes
-    spread around their own kind's mean, not from all codes (their spread is between kinds)."""
+    the code has numbers: a kind of n < latent photos keeps n / latent of its own and borrows the rest
+    from how codes spread around their own kind's mean, not from all codes (their spread is between kinds)."""
     everything, per_kind = fit_gaussian(codes), {}
     groups = {kind: codes[[i for i, label in enumerate(kinds) if label == kind]] for kind in sorted(set(kinds))}
     spread = sum((m - m.mean(0)).T @ (m - m.mean(0)) for m in groups.values())  # (latent, latent)
