@@ -174,3 +174,14 @@ def test_resume_on_a_finished_run_says_so_and_only_redraws(synthetic, tmp_path, 
     vae.main(["--resume", "--out", str(out), "--device", "cpu"])
     assert "has finished all 1 epochs: nothing to resume" in capsys.readouterr().out
     assert (out / "model.pt").read_bytes() == finished and (out / "samples.png").is_file()
+
+
+@pytest.mark.parametrize("script", [ae, vae], ids=lambda module: module.__name__)
+def test_the_decoder_starts_out_drawing_the_training_photos_average_colour(script, smoke_flags, tiny_catalogue,
+                                                                          tmp_path):
+    script.main([*smoke_flags, "--epochs", "1", "--lr", "1e-9"])  # a rate so small that training moves nothing
+    weights = torch.load(tmp_path / "out" / "model.pt", weights_only=True)["state_dict"]
+    last = [name for name in weights if name.startswith("decoder.")][-1]  # the sigmoid's input: its bias
+    catalogue = common.load_catalogue(tiny_catalogue, 32)
+    colour = catalogue.images[catalogue.train_index].float().mean((0, 2, 3)) / 255  # (3,), mostly white
+    assert last.endswith(".bias") and torch.allclose(torch.sigmoid(weights[last]), colour, atol=1e-4)
