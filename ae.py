@@ -173,8 +173,8 @@ def train_model(model, train_images, train_kinds, test_images, history, samples_
     generator = torch.Generator().manual_seed(args.seed)
     if args.resume:
         resume_training(state, optimizer, schedule, generator, args)
-    else:  # The decoder starts out drawing the average colour of the photos, not the sigmoid's grey 0.5:
-        # most pixels are white background, and the first steps would go to learning that alone.
+    else:  # The decoder starts out drawing the photos' average colour, not the sigmoid's grey 0.5: most
+        # pixels are white background, which would take the first steps alone (clamped: white's logit is inf).
         colour = sum(batch.float().sum((0, 2, 3)) for batch in train_images.split(1024)) / 255  # (3,)
         with torch.no_grad():
             model.decoder[-2].bias.copy_(torch.logit(colour / train_images[:, 0].numel()).clamp(-5, 5))
