@@ -54,6 +54,7 @@ def figures(samples_by_epoch, name, encode, decode_codes, codes, losses, catalog
     if (metadata["Colour"] == "Black").any() and edited:
         directions = {category: attribute_direction(codes, metadata, catalogue.train_index, "Colour", "Black", NEUTRAL,
                                                     category) for category in set(metadata["Category"])}
+
         def edit(products, strength):  # each product's code moved along its own category's direction
             along = torch.stack([directions[metadata.at[i, "Category"]] for i in products])
             return decode_codes(codes[products] + strength * along)
