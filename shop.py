@@ -52,7 +52,9 @@ def figures(samples_by_epoch, name, encode, decode_codes, codes, losses, catalog
     # Attribute edits: add the "Black" direction to the codes of products of other colours.
     edited = [i for i in shown.tolist() if metadata.at[i, "Colour"] != "Black"][:6]
     if (metadata["Colour"] == "Black").any() and edited:
-        directions = {category: attribute_direction(codes, metadata, catalogue.train_index, "Colour", "Black", NEUTRAL,
+        casts = torch.cat([colour_of_products(photos, photos)[1]  # each photo's, in blocks: no float copy of all
+                           for photos in (images[i:i + 1024].float() / 255 for i in range(0, len(images), 1024))])
+        directions = {category: attribute_direction(codes, metadata, catalogue.train_index, "Colour", "Black", casts,
                                                     category) for category in set(metadata["Category"])}
 
         def edit(products, strength):  # each product's code moved along its own category's direction
@@ -69,10 +71,9 @@ def figures(samples_by_epoch, name, encode, decode_codes, codes, losses, catalog
         (light, cast), (dark, dark_cast) = (colour_of_products(edit(others, s), images[others].float() / 255)
                                             for s in (0, 1.5))
         black = [i for i in measured if metadata.at[i, "Colour"] == "Black"]
-        black_photos = images[black].float() / 255
         print(f"attribute edit, +1.5 x black on the {len(others)} test products of other colours: luminance "
-              f"{light.mean():.2f} -> {dark.mean():.2f}, (G + B) / 2 - R {cast.mean():+.3f} -> {dark_cast.mean():+.3f} "
-              f"(the black test products' photos: {colour_of_products(black_photos, black_photos)[1].mean():+.3f})")
+              f"{light.mean():.2f} -> {dark.mean():.2f}, (G + B) / 2 - R {cast.mean():+.3f} -> {dark_cast.mean():+.3f}, "
+              f"a shift of {(dark_cast - cast).mean():+.3f} (the black test products' photos: {casts[black].mean():+.3f})")
     # Catalogue QA: the test products the model finds hardest, by their own loss.
     order = catalogue.test_index[losses.argsort(descending=True)].tolist()
     worst = torch.tensor(first_of_each_group(order, catalogue.groups, 8))  # one photo listed twice shows once
@@ -330,24 +331,24 @@ def interpolation_rows(encode, decode_codes, catalogue, steps=8):
     return rows, labels
 
 
-NEUTRAL = ("White", "Off White", "Grey", "Grey Melange", "Silver", "Charcoal")  # colours without a hue
+def attribute_direction(codes, metadata, train_index, column, value, casts, category):
+    """What having `value` in `column` adds to a code, between products of one Category whose photos
+    have the same colour cast (`casts`: (G + B) / 2 - R of each photo's product, see below).
 
-
-def attribute_direction(codes, metadata, train_index, column, value, reference, category):
-    """The mean code of the training products with `value` in `column` minus that of those with a
-    `reference` value, within one Category: most black products are shoes, so across categories the
-    "black" direction would also turn a T-shirt into a shoe. Against every other colour, it would
-    also take away their average colour, which is warm (brown, red, pink, beige), and paint a white
-    T-shirt teal; against the colours without a hue (NEUTRAL) it only darkens. Test products never
-    count. Zero when either side is empty."""
+    Black products differ from the others twice: they are dark, and they have no hue where most
+    others are warm (brown, red, pink, beige). A plain difference of mean codes takes both and turns
+    a white T-shirt teal. A least-squares fit of the training codes on [1, is black, cast] keeps the
+    two apart: its "is black" coefficient is what black adds at an equal cast. Within one Category,
+    since most black products are shoes: across categories it would also turn a T-shirt into a shoe.
+    Test products never count. Zero when either side is empty."""
     train = torch.zeros(len(codes), dtype=torch.bool)
     train[train_index] = True
     same = train & torch.tensor((metadata["Category"] == category).values)
-    inside = same & torch.tensor((metadata[column] == value).values)
-    outside = same & torch.tensor(metadata[column].isin(reference).values)
-    if not (inside.any() and outside.any()):
+    inside = torch.tensor((metadata[column] == value).values)[same].float()
+    if not 0 < inside.sum() < len(inside):
         return torch.zeros(codes.shape[1])
-    return codes[inside].mean(0) - codes[outside].mean(0)
+    fit = torch.linalg.lstsq(torch.stack([torch.ones_like(inside), inside, casts[same]], 1), codes[same])
+    return fit.solution[1]
 
 
 def colour_of_products(images, photos):

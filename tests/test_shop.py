@@ -40,12 +40,16 @@ def test_the_search_index_holds_training_products_only(tiny_catalogue, tmp_path)
 def test_the_attribute_direction_uses_training_products_only():
     metadata = pd.DataFrame({"Category": ["Apparel"] * 6 + ["Footwear"] * 2,
                              "Colour": ["Black", "Black", "Red", "Blue", "Black", "Red", "Black", "Red"]})
-    codes = torch.arange(16.0).view(8, 2)
+    casts = torch.tensor([0.0, 0.1, -0.1, 0.2, 0.0, 0.0, 0.0, 0.0])
+    black = torch.tensor((metadata["Colour"] == "Black").values).float()
+    codes = torch.stack([3 * black + 10 * casts, torch.ones(8)], 1)
     train = torch.tensor([0, 1, 2, 3, 6, 7])  # products 4 and 5 are test products
     codes[4:6] = 1000.0  # if a test product counted, the direction would be huge
-    direction = shop.attribute_direction(codes, metadata, train, "Colour", "Black", ["Red", "Blue"], "Apparel")
-    assert torch.equal(direction, codes[[0, 1]].mean(0) - codes[[2, 3]].mean(0))
-    assert torch.equal(shop.attribute_direction(codes, metadata, train, "Colour", "Green", ["Red"], "Apparel"),
+    direction = shop.attribute_direction(codes, metadata, train, "Colour", "Black", casts, "Apparel")
+    assert direction.tolist() == pytest.approx([3.0, 0.0], abs=1e-4)
+    assert torch.equal(shop.attribute_direction(codes, metadata, train, "Colour", "Green", casts, "Apparel"),
+                       torch.zeros(2))
+    assert torch.equal(shop.attribute_direction(codes, metadata, train, "Colour", "Black", casts, "Bags"),
                        torch.zeros(2))
 
 
@@ -68,11 +72,16 @@ def test_search_in_blocks_of_queries_answers_as_all_at_once():
         assert torch.equal(shop.search(queries, index, k=5, groups=grouped, block=7), whole)  # 7 blocks, the last short
 
 
-def test_the_black_direction_is_taken_against_the_colours_without_a_hue():
-    metadata = pd.DataFrame({"Category": ["Apparel"] * 5, "Colour": ["Black", "Black", "White", "Grey", "Brown"]})
-    codes = torch.tensor([[0.0, 0], [2, 0], [10, 0], [12, 0], [50, 50]])
-    direction = shop.attribute_direction(codes, metadata, torch.arange(5), "Colour", "Black", shop.NEUTRAL, "Apparel")
-    assert torch.equal(direction, torch.tensor([-10.0, 0]))  # the brown product's warmth stays out of it
+def test_the_black_direction_leaves_out_the_colour_cast_black_products_also_differ_in():
+    # Codes of darkness and warmth: black products are dark and neutral (cast 0), the others warm (cast < 0).
+    metadata = pd.DataFrame({"Category": ["Apparel"] * 6, "Colour": ["Black", "Black", "White", "Brown", "Red", "Pink"]})
+    casts = torch.tensor([0.0, -0.02, 0.0, -0.10, -0.08, -0.05])
+    darkness = torch.tensor([5.0, 5, 1, 1, 1, 1])
+    codes = torch.stack([darkness, 20 * casts], 1)
+    direction = shop.attribute_direction(codes, metadata, torch.arange(6), "Colour", "Black", casts, "Apparel")
+    plain = codes[:2].mean(0) - codes[2:].mean(0)  # the difference of means: darker, and colder (+0.95)
+    assert plain[1] > 0.5
+    assert direction.tolist() == pytest.approx([4.0, 0.0], abs=1e-4)  # darker only: the warmth stays out of it
 
 
 def test_the_colour_of_a_product_is_read_on_its_own_pixels():
