@@ -56,6 +56,7 @@ WARMUP = 0.2  # the share of the steps over which the learning rate climbs to --
 SHIFT = 2  # training photos are moved by up to this many pixels each way
 SNAPSHOTS = (1, 2, 5, 10, 20)  # the epochs (and the last) after which samples_by_epoch.png draws samples
 RIDGE = 1e-3  # added to the fitted covariance of the codes, so that it can be inverted
+GUIDANCE = 1.0  # how much further from the average product one kind's new products are drawn (one_kind)
 SCRIPT = Path(__file__).name  # saved in the checkpoint, so that another script's model is refused
 MODEL_FLAGS = ("latent_dim", "image_size")  # what the model is: always taken from a checkpoint
 TRAINING_FLAGS = ("epochs", "batch_size", "lr", "seed")  # how it was trained: taken from it by --resume
@@ -248,6 +249,16 @@ def fit_code_distribution(codes, kinds):
     return {"all": {"all": everything}, "kinds": per_kind}  # each a mixture {name: Gaussian} for sample_codes
 
 
+def one_kind(code_distribution, kind):
+    """The Gaussian new products of one kind are drawn from (a mixture of one): the kind's own, moved
+    away from the mean of all codes by GUIDANCE times its distance from it. A decoder trained on
+    squared error draws the average of what a code could be, so its products look less of their kind
+    than photos (a blurred sports shoe passes for a casual one); as in classifier-free guidance,
+    drawing what sets the kind apart more strongly makes up for it."""
+    own, centre = code_distribution["kinds"][kind], code_distribution["all"]["all"]["mean"]
+    return {kind: {**own, "mean": own["mean"] + GUIDANCE * (own["mean"] - centre)}}
+
+
 def sample_codes(mixture, count, generator):
     """`count` codes from a mixture of Gaussians ({name: {mean, covariance, weight}}): each code's
     Gaussian drawn by weight, then z = mean + L eps, eps ~ N(0, I), with L L^T = covariance."""
@@ -271,7 +282,7 @@ def decode_samples(model, mixture, count, seed, args):
 
 def write_samples(model, code_distribution, count, args):
     """`count` new products as PNG files in OUT/samples/: of --product-type, or of every type."""
-    mixture = chosen_mixture(code_distribution, args.product_type)  # {type: its Gaussian}
+    mixture = chosen_mixture(code_distribution, args.product_type, one_kind)  # {type: its Gaussian}
     save_images(decode_samples(model, mixture, count, args.seed + 2, args), args.out / "samples")
 
 
@@ -288,9 +299,9 @@ def make_figures(model, catalogue, history, code_distribution, samples_by_epoch,
         return model.eval().decode(z.to(args.device)).float().cpu()
 
     rows, labels = shop.sample_rows(lambda mixture: decode_samples(model, mixture, 10, args.seed, args),
-                                    code_distribution["kinds"])
-    show_rows(rows, labels, "New products: codes drawn from the Gaussian fitted to each type's codes (mixture: "
-              "every type)" + tag, args.out / "samples.png")
+                                    code_distribution, one_kind)
+    show_rows(rows, labels, "New products: codes drawn from the mixture of the types' Gaussians, and from each "
+              "type's, set apart (one_kind)" + tag, args.out / "samples.png")
     plot_curves(history, {"loss": "reconstruction loss per image", "psnr": "PSNR (dB)"}, args.out / "loss_curves.png",
                 log=("loss",))
     losses = loss_per_image(model, catalogue.images[catalogue.test_index], args)

@@ -440,8 +440,8 @@ def check_flags(parser, args):
     return args
 
 
-def chosen_mixture(code_distribution, product_type):
-    """The Gaussians --num-samples draws from: --product-type's alone, or every type's."""
+def chosen_mixture(code_distribution, product_type, one_kind):
+    """The Gaussians --num-samples draws from: --product-type's (`one_kind` picks it), or every type's."""
     if code_distribution is None or "kinds" not in code_distribution:
         raise SystemExit("error: --num-samples: the checkpoint is a run stopped before its last epoch, or saved "
                          "before sampling by type; finish it with --resume, or drop --figures-only to train anew")
@@ -449,7 +449,7 @@ def chosen_mixture(code_distribution, product_type):
     if product_type is not None and product_type not in kinds:
         raise SystemExit(f"error: --product-type {product_type}: no training photo is of that type; the types are "
                          f"{', '.join(kinds)}")
-    return {product_type: kinds[product_type]} if product_type else kinds
+    return one_kind(code_distribution, product_type) if product_type else kinds
 
 
 def start_run(script, args, defaults, model_flags, training_flags, load):

@@ -14,7 +14,8 @@ as the AE's code) on four axes:
                      distances to the training photos: in the features of a small classifier that
                      this script trains on the training photos' ProductType ("classifier FD", the
                      idea of FID), and on the principal components of 16x16 thumbnails ("pixel FD");
-                     and samples of one type (TYPES), how often the classifier calls them that type
+                     and samples of one type (TYPES, drawn as the scripts' one_kind draws them), how
+                     often the classifier calls them that type
                      (and its reconstructions of the test photos of that type: what blur alone costs)
     cost             seconds per training epoch (median) and parameters, from each checkpoint
 
@@ -266,7 +267,7 @@ def measure(name, functions, catalogue, features, classify, args):
         row[f"pixel_fd_{kind}"] = frechet(features["pixels"](samples), features["pixels_train"])
     for kind in TYPES:  # new products of one type: does the classifier see that type?
         if kind in fitted["kinds"]:
-            z = ae.sample_codes({kind: fitted["kinds"][kind]}, 200, torch.Generator().manual_seed(args.seed))
+            z = ae.sample_codes(ae.one_kind(fitted, kind), 200, torch.Generator().manual_seed(args.seed))
             row[f"recognised_{kind}"] = sum(label == kind for label in classify(functions["decode"](z))) / 200
             # The same question of its reconstructions of real test photos of that type: what blur alone costs.
             real = [i for i in test.tolist() if metadata.at[i, "ProductType"] == kind]

@@ -24,11 +24,12 @@ from common import (NEAR_COPY_PSNR, connected_groups, decode, pick, plot_latent_
 
 
 # ----------------------------------------------------------------------------- the figures every model draws
-def sample_rows(draw, kinds, rows=4):
+def sample_rows(draw, code_distribution, one_kind, rows=4):
     """Rows of new products: `draw(mixture)` from the mixture of every kind, and from each of the
-    `rows` most common kinds alone."""
+    `rows` most common kinds alone (`one_kind(code_distribution, kind)`)."""
+    kinds = code_distribution["kinds"]
     common_kinds = sorted(kinds, key=lambda kind: -kinds[kind]["weight"])[:rows]
-    samples = [draw(mixture) for mixture in [kinds, *({kind: kinds[kind]} for kind in common_kinds)]]
+    samples = [draw(mixture) for mixture in [kinds, *(one_kind(code_distribution, kind) for kind in common_kinds)]]
     return samples, ["mixture", *common_kinds]
 
 

@@ -63,6 +63,7 @@ WARMUP = 0.2  # the share of the steps over which the learning rate climbs to --
 SNAPSHOTS = (1, 2, 5, 10, 20)  # the epochs (and the last) after which samples_by_epoch.png draws samples
 LOGVAR_LIMIT = 8  # the encoder's log sigma^2 stays within (-8, 8): sigma from 0.02 to 55
 RIDGE = 1e-3  # added to the fitted covariance of the codes, so that it can be inverted
+GUIDANCE = 1.0  # how much further from the average product one kind's new products are drawn (one_kind)
 SCRIPT = Path(__file__).name  # saved in the checkpoint, so that another script's model is refused
 MODEL_FLAGS = ("latent_dim", "image_size", "beta")  # what the model is: always taken from a checkpoint
 TRAINING_FLAGS = ("epochs", "batch_size", "lr", "seed")  # how it was trained: taken from it by --resume
@@ -267,6 +268,16 @@ def fit_code_distribution(codes, kinds):
     return {"all": {"all": everything}, "kinds": per_kind}  # each a mixture {name: Gaussian} for sample_codes
 
 
+def one_kind(code_distribution, kind):
+    """The Gaussian new products of one kind are drawn from (a mixture of one): the kind's own, moved
+    away from the mean of all codes by GUIDANCE times its distance from it. A decoder trained on
+    squared error draws the average of what a code could be, so its products look less of their kind
+    than photos (a blurred sports shoe passes for a casual one); as in classifier-free guidance,
+    drawing what sets the kind apart more strongly makes up for it."""
+    own, centre = code_distribution["kinds"][kind], code_distribution["all"]["all"]["mean"]
+    return {kind: {**own, "mean": own["mean"] + GUIDANCE * (own["mean"] - centre)}}
+
+
 def sample_codes(mixture, count, generator):
     """`count` codes from a mixture of Gaussians ({name: {mean, covariance, weight}}): each code's
     Gaussian drawn by weight, then z = mean + L eps, eps ~ N(0, I), with L L^T = covariance."""
@@ -290,7 +301,7 @@ def decode_samples(model, mixture, count, seed, args):
 
 def write_samples(model, code_distribution, count, args):
     """`count` new products as PNG files in OUT/samples/: of --product-type, or of every type."""
-    mixture = chosen_mixture(code_distribution, args.product_type)  # {type: its Gaussian}
+    mixture = chosen_mixture(code_distribution, args.product_type, one_kind)  # {type: its Gaussian}
     save_images(decode_samples(model, mixture, count, args.seed + 2, args), args.out / "samples")
 
 
@@ -308,10 +319,10 @@ def make_figures(model, catalogue, history, code_distribution, samples_by_epoch,
 
     # New product ideas: from the prior N(0, I), and from the Gaussians fitted to the codes.
     rows, labels = shop.sample_rows(lambda mixture: decode_samples(model, mixture, 10, args.seed, args),
-                                    code_distribution["kinds"])
+                                    code_distribution, one_kind)
     prior = torch.randn(10, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
-    show_rows([decode(prior), *rows], ["prior N(0, I)", *labels], "New products: codes drawn from the prior, and "
-              "from the Gaussian fitted to each type's codes (mixture: every type)" + tag, args.out / "samples.png")
+    show_rows([decode(prior), *rows], ["prior N(0, I)", *labels], "New products: codes drawn from the prior, the "
+              "types' mixture, and each type's Gaussian, set apart (one_kind)" + tag, args.out / "samples.png")
     plot_curves(history, {"loss": "negative ELBO per image", "reconstruction": "reconstruction per image",
                           "kl": "KL per image", "variance": "decoder variance sigma^2"}, args.out / "loss_curves.png",
                 log=("variance",))

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch.distributions import Normal, kl_divergence
 
+import ae
 import vae
 from conftest import Constant, epoch_args, losses_over_steps, per_image_mean
 
@@ -196,7 +197,7 @@ def test_samples_of_a_chosen_type_come_from_that_types_gaussian(smoke_flags, tmp
     model.load_state_dict(state["state_dict"])
     args = vae.parse_args(smoke_flags)
     args.device = torch.device("cpu")
-    expected = vae.decode_samples(model, {"Heels": kinds["Heels"]}, 3, args.seed + 2, args)
+    expected = vae.decode_samples(model, vae.one_kind(state["code_distribution"], "Heels"), 3, args.seed + 2, args)
     written = torch.stack([torch.from_numpy(np.asarray(Image.open(out / "samples" / f"sample_{i:04d}.png")).copy())
                            .permute(2, 0, 1).float() / 255 for i in range(3)])
     assert torch.allclose(written, expected, atol=1 / 255)
@@ -225,3 +226,20 @@ def test_a_mixture_draws_each_kind_by_its_weight_and_a_rare_kind_borrows_the_spr
     assert ((hats - torch.tensor([0.0, 3.0])).norm(dim=1) < 0.5).all()  # a hat, not a shoe or a shirt
     shirts = vae.sample_codes({"shirt": fitted["kinds"]["shirt"]}, 1000, torch.Generator().manual_seed(2))
     assert (shirts[:, 0] < -2.5).all()
+
+
+@pytest.mark.parametrize("script", [ae, vae])
+def test_one_kinds_products_have_its_spread_and_a_mean_set_apart_from_the_average_product(script):
+    torch.manual_seed(0)
+    codes = torch.cat([torch.randn(300, 2) * torch.tensor([0.3, 0.1]) + torch.tensor([5.0, 1]),
+                       torch.randn(100, 2) * 0.2 - 5])
+    kinds = ["shoe"] * 300 + ["shirt"] * 100
+    fitted = script.fit_code_distribution(codes, kinds)
+    shoes = codes[:300]
+    assert torch.equal(fitted["kinds"]["shoe"]["mean"], shoes.mean(0))  # the mixture keeps the fitted means
+    z = script.sample_codes(script.one_kind(fitted, "shoe"), 50000, torch.Generator().manual_seed(1))
+    assert script.GUIDANCE > 0
+    set_apart = shoes.mean(0) + script.GUIDANCE * (shoes.mean(0) - codes.mean(0))  # away from (2.5, 0.75)
+    assert torch.allclose(z.mean(0), set_apart, atol=0.01)
+    assert torch.allclose(torch.cov(z.T), torch.cov(shoes.T) + script.RIDGE * torch.eye(2), atol=0.003)
+
