@@ -174,12 +174,17 @@ def cache_key(root, paths, csv_path, size):
 
 
 def decode_all(paths, size):
+    """Every file decoded and framed: (pixels (n, size, size, 3) uint8 of the n readable ones, kept (N,) bool).
+    Each photo is written into one array as it arrives: no list of arrays stacked into a second copy."""
     # Between Pillow's calls, framing a photo is Python, and threads would take turns at Python's
     # lock (measured: two threads decode barely faster than one). Processes keep every core busy;
     # each is handed the files 64 at a time.
-    workers = min(os.cpu_count() or 1, 8, len(paths))
-    with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(decode, paths, [size] * len(paths), chunksize=64))
+    pixels, kept, count = np.empty((len(paths), size, size, 3), np.uint8), np.zeros(len(paths), bool), 0
+    with ProcessPoolExecutor(min(os.cpu_count() or 1, 8, len(paths))) as pool:
+        for i, array in enumerate(pool.map(decode, paths, [size] * len(paths), chunksize=64)):
+            if array is not None:
+                pixels[count], kept[i], count = array, True, count + 1
+    return pixels[:count], kept
 
 
 def load_folder(root, size, cache_dir):
@@ -187,24 +192,24 @@ def load_folder(root, size, cache_dir):
     if not paths:
         return None
     key = cache_key(root, paths, csv_path, size)
-    cache_file = Path(cache_dir) / f"{root.resolve().name}-{size}px-{key}.npz"
+    # The cache: four .npy arrays one after another, raw, so they are read and written at the disk's
+    # speed (a .npz would zip them and checksum every byte).
+    cache_file = Path(cache_dir) / f"{root.resolve().name}-{size}px-{key}.npys"
     if cache_file.exists():
-        with np.load(cache_file) as cached:
-            pixels, kept, skipped, groups = (cached["pixels"], cached["kept"], list(cached["skipped"]),
-                                             cached["groups"])
+        with open(cache_file, "rb") as handle:
+            pixels, kept, skipped, groups = (np.load(handle) for _ in range(4))
+        skipped = skipped.tolist()
     else:
         print(f"decoding {len(paths)} images under {root} at {size} px (cached for next time) ...")
-        arrays = decode_all(paths, size)
-        kept = np.array([a is not None for a in arrays])
-        skipped = [str(p) for p, a in zip(paths, arrays) if a is None]
-        good = [a for a in arrays if a is not None]
-        pixels = np.stack(good) if good else np.zeros((0, size, size, 3), np.uint8)
+        pixels, kept = decode_all(paths, size)
+        skipped = [str(p) for p, k in zip(paths, kept) if not k]
         groups = near_copy_groups(pixels)
         # Write to a temporary name, then rename: a killed run never leaves a half-written cache.
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         temporary = cache_file.with_suffix(f".tmp{os.getpid()}")
         with open(temporary, "wb") as handle:
-            np.savez(handle, pixels=pixels, kept=kept, skipped=np.array(skipped, dtype=str), groups=groups)
+            for array in (pixels, kept, np.array(skipped, dtype=str), groups):
+                np.save(handle, array)
         os.replace(temporary, cache_file)
     if skipped:
         shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")

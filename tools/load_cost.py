@@ -15,7 +15,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -49,9 +48,9 @@ def main():
     with ProcessPoolExecutor(workers) as pool:
         timed("Pillow draft decode, processes",
               lambda: list(pool.map(draft_decode, paths, [size] * len(paths), chunksize=64)))
-    arrays = timed("decode + framing", common.decode_all, paths, size)
-    timed("near-copy grouping", common.near_copy_groups, np.stack([a for a in arrays if a is not None]))
-    del arrays
+    pixels, _ = timed("decode + framing", common.decode_all, paths, size)
+    timed("near-copy grouping", common.near_copy_groups, pixels)
+    del pixels
     with tempfile.TemporaryDirectory() as cache:
         timed("cold load_catalogue", common.load_catalogue, args.data, size, cache)
         timed("warm load_catalogue", common.load_catalogue, args.data, size, cache)
