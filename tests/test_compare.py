@@ -96,3 +96,29 @@ def test_the_pixel_frechet_distance_is_zero_for_the_same_set_and_grows_with_the_
     assert abs(compare.frechet(reference, reference)) < 1e-6
     assert 0 < compare.frechet(to_features(photos * 0.9), reference) < compare.frechet(to_features(photos * 0.5),
                                                                                        reference)
+
+
+def test_recognised_reconstructions_are_those_of_the_test_photos_of_that_type(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "DEFAULT_DATA", tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    catalogue = common.load_catalogue(None, image_size=32)
+    catalogue.images = catalogue.images.float() / 255
+    test = set(catalogue.test_index.tolist())
+    types = catalogue.metadata["ProductType"].tolist()
+
+    def classify(images):  # knows a test photo by heart and names its type; calls anything else Heels
+        matches = [(catalogue.images == image).flatten(1).all(1).nonzero().flatten().tolist() for image in images]
+        return [types[found[0]] if found and found[0] in test else "Heels" for found in matches]
+
+    def first_numbers(images):  # a stand-in for both feature maps: the distances are not what is tested
+        return images.flatten(1)[:, :8].double()
+
+    reference = first_numbers(catalogue.images[:50])
+    features = {"classifier": first_numbers, "pixels": first_numbers, "classifier_train": reference,
+                "pixels_train": reference}
+    identity = {"encode": lambda images: torch.nn.functional.adaptive_avg_pool2d(images, 4).flatten(1),
+                "reconstruct": lambda images: images, "decode": lambda codes: torch.zeros(len(codes), 3, 32, 32)}
+    row = compare.measure("identity", identity, catalogue, features, classify, SimpleNamespace(seed=0, noise=0.1,
+                                                                                               samples=20))
+    assert row["recognised_Tshirts_reconstructed"] == 1.0  # each test T-shirt, given back as it is
+    assert row["recognised_Tshirts"] == 0.0  # the samples (blank here) are no test photo
