@@ -14,7 +14,10 @@ codes. But 128 numbers are a description, not a copy: "a white sneaker with a re
 left", never where each stitch is, so a reconstruction is as sharp as its description. And the
 model knows what it was trained on: a photo unlike the catalogue (a face, a logo) comes back far
 worse than the catalogue's own, so its reconstruction error flags it. The codes of real photos
-fill a small, irregular part of the space: vae.py makes that space something to sample from.
+fill a small, irregular part of the space, and an AE has no prior to draw new codes from. Points
+drawn evenly from the box its codes span mostly land in holes, where no photo's code is, and decode
+to smudges (code_plane.png shows the holes). A Gaussian fitted to where the codes are draws products
+(Ghosh et al. 2019), one per product type better still; vae.py makes the space itself one to sample.
 
 Run:    python ae.py --epochs 50    (model.pt, metrics.csv, search.csv and the figures in out/ae/)
 Again:  python ae.py --figures-only --num-samples 16 --product-type Tshirts   (16 new T-shirts in samples/)
@@ -24,13 +27,15 @@ Tools:  python ae.py --query PHOTO_OR_PRODUCTID ...    python ae.py --duplicates
 import argparse
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from common import (REPO, add_run_flags, check_flags, chosen_mixture, end_epoch, epoch_row, load_catalogue, log_epoch,
-                    plot_curves, prepare_out, product_kinds, resume_training, save_images, show_rows, start_run,
+from common import (REPO, add_run_flags, average_colour, check_flags, chosen_mixture, divergence_limit,
+                    draw_code_space, end_epoch, epoch_row, load_catalogue, log_epoch, one_cycle, plot_curves,
+                    prepare_out, product_kinds, resume_training, save_images, show_rows, square_root, start_run,
                     stop_cleanly)
 import shop
 
@@ -55,6 +60,7 @@ ADAM_BETAS = (0.9, 0.99)  # a shorter memory of squared gradients than the usual
 WARMUP = 0.2  # the share of the steps over which the learning rate climbs to --lr
 SHIFT = 2  # training photos are moved by up to this many pixels each way
 SNAPSHOTS = (1, 2, 5, 10, 20)  # the epochs (and the last) after which samples_by_epoch.png draws samples
+ACTIVE = 0.01  # a code dimension that varies more than this across photos is active (active_units)
 RIDGE = 1e-3  # added to the fitted covariance of the codes, so that it can be inverted
 GUIDANCE = 1.0  # how much further from the average product one kind's new products are drawn (one_kind)
 SCRIPT = Path(__file__).name  # saved in the checkpoint, so that another script's model is refused
@@ -168,24 +174,23 @@ def train_model(model, train_images, train_kinds, test_images, history, samples_
     # One cycle, stepped after each batch: the learning rate climbs from lr/25 to --lr over the
     # first WARMUP of the steps, then falls to ~0 along a cosine, while Adam's momentum goes
     # 0.95 -> 0.85 -> 0.95. The climb lets the peak be twice what a plain cosine tolerates.
-    steps = math.ceil(len(train_images) / args.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, epochs=args.epochs, steps_per_epoch=steps,
-                                                   pct_start=WARMUP)
+    schedule = one_cycle(optimizer, args.lr, args.epochs * math.ceil(len(train_images) / args.batch_size), WARMUP)
     generator = torch.Generator().manual_seed(args.seed)
+    colour = average_colour(train_images)  # (3,)
     if args.resume:
         resume_training(state, optimizer, schedule, generator, args)
     else:  # The decoder starts out drawing the photos' average colour, not the sigmoid's grey 0.5: most
         # pixels are white background, which would take the first steps alone (clamped: white's logit is inf).
-        colour = sum(batch.float().sum((0, 2, 3)) for batch in train_images.split(1024)) / 255  # (3,)
         with torch.no_grad():
-            model.decoder[-2].bias.copy_(torch.logit(colour / train_images[:, 0].numel()).clamp(-5, 5))
+            model.decoder[-2].bias.copy_(torch.logit(colour).clamp(-5, 5))
+    limit = divergence_limit(lambda recon, images: ae_loss(recon, images)["loss"], colour, test_images)
     started, first, code_distribution = time.time(), len(history) + 1, None
     with stop_cleanly(args):
         for epoch in range(first, args.epochs + 1):
             tick = time.time()
             train = run_epoch(model, train_images, args, optimizer, generator, schedule)
             test = run_epoch(model, test_images, args)
-            row = epoch_row(epoch, train, test, time.time() - tick, len(train_images), args)
+            row = epoch_row(epoch, train, test, time.time() - tick, len(train_images), args, limit)
             if epoch in SNAPSHOTS or epoch == args.epochs:  # training at work: where the codes are now
                 fitted = fit_code_distribution(encode_all(model, train_images, args), train_kinds)
                 samples_by_epoch.append((epoch, decode_samples(model, fitted["kinds"], 10, args.seed + 1, args)))
@@ -209,19 +214,26 @@ def encode_all(model, images, args):
 
 
 @torch.no_grad()
-def loss_per_image(model, images, args):
-    """Each photo's (uint8) loss on its own, so that products can be ranked: (N,). A photo unlike
-    the ones trained on comes back worst."""
-    model.eval()
-    losses = []
-    for batch in images.split(args.batch_size):
-        batch = batch.to(args.device, memory_format=torch.channels_last).float() / 255
-        recon = model(batch)
-        losses += [ae_loss(recon[[i]].float(), batch[[i]])["loss"] for i in range(len(batch))]
-    return torch.stack(losses).cpu()
+def decode_all(model, z, args):
+    """Images (N, 3, S, S) in [0, 1] decoded from codes (N, latent), on the CPU."""
+    return model.eval().decode(z.to(args.device)).float().cpu()
 
 
 # ----------------------------------------------------------------------------- sampling
+def decode_box(model, codes, count, seed, args):
+    """`count` new products the naive way: codes drawn evenly from the box the codes (N, latent) span."""
+    low, high = codes.min(0).values, codes.max(0).values
+    return decode_all(model, low + (high - low) * torch.rand(count, codes.shape[1],
+                                                             generator=torch.Generator().manual_seed(seed)), args)
+
+
+def active_units(codes, threshold=ACTIVE):
+    """How many of the code's numbers carry anything (Burda et al. 2016): a dimension is active when
+    its code varies across photos, Var_x(z_u) > 0.01. An AE has no KL to pull a dimension to a
+    constant: its codes spread over as many numbers as they are given (vae.py's do not)."""
+    return int((codes.var(0, correction=0) > threshold).sum())
+
+
 def fit_gaussian(codes, ridge=RIDGE):
     """The mean and full covariance of a set of codes (N, latent); the ridge keeps it invertible."""
     covariance = torch.cov(codes.T) if len(codes) > 1 else torch.zeros(codes.shape[1], codes.shape[1])
@@ -229,15 +241,11 @@ def fit_gaussian(codes, ridge=RIDGE):
 
 
 def fit_code_distribution(codes, kinds):
-    """A Gaussian fitted to the training codes of each kind of product, and one fitted to them all.
-
-    Codes fill a small, tilted region of the space (in a VAE too: the KL pulls them towards N(0, I),
-    never all the way), so z ~ N(0, I) often lands where no product's code is; a Gaussian fitted to
-    where the codes are (Ghosh et al. 2019, "From Variational to Deterministic Autoencoders") draws
-    products. And the codes are a cluster per kind of product, not one blob: a mixture of one
-    Gaussian per kind, weighted by its share, fits them. A full covariance needs as many photos as
-    the code has numbers: a kind of n < latent photos keeps n / latent of its own and borrows the rest
-    from how codes spread around their own kind's mean, not from all codes (their spread is between kinds)."""
+    """A Gaussian fitted to all the training codes (Ghosh et al. 2019, "From Variational to Deterministic
+    Autoencoders"), and one to the codes of each kind of product: the codes are a cluster per kind,
+    not one blob, and a mixture of one Gaussian per kind, weighted by its share, fits them better. A
+    full covariance needs as many photos as the code has numbers: a kind of n < latent photos keeps
+    n / latent of its own and borrows the rest from how codes spread around their own kind's mean."""
     everything, per_kind = fit_gaussian(codes), {}
     groups = {kind: codes[[i for i, label in enumerate(kinds) if label == kind]] for kind in sorted(set(kinds))}
     spread = sum((m - m.mean(0)).T @ (m - m.mean(0)) for m in groups.values())  # (latent, latent)
@@ -269,43 +277,42 @@ def sample_codes(mixture, count, generator):
     z = torch.empty_like(eps)
     for index, name in enumerate(names):
         chosen = picks == index
-        z[chosen] = mixture[name]["mean"] + eps[chosen] @ torch.linalg.cholesky(mixture[name]["covariance"]).T
+        z[chosen] = mixture[name]["mean"] + eps[chosen] @ square_root(mixture[name]["covariance"]).T
     return z
 
 
-@torch.no_grad()
 def decode_samples(model, mixture, count, seed, args):
     """`count` new products: codes drawn from `mixture` with a seeded generator, decoded."""
-    z = sample_codes(mixture, count, torch.Generator().manual_seed(seed))
-    return model.eval().decode(z.to(args.device)).float().cpu()
+    return decode_all(model, sample_codes(mixture, count, torch.Generator().manual_seed(seed)), args)
 
 
 def write_samples(model, code_distribution, count, args):
     """`count` new products as PNG files in OUT/samples/: of --product-type, or of every type."""
     mixture = chosen_mixture(code_distribution, args.product_type, one_kind)  # {type: its Gaussian}
-    save_images(decode_samples(model, mixture, count, args.seed + 2, args), args.out / "samples")
+    save_images(decode_samples(model, mixture, count, args.seed + 2, args), args.out / "samples", args.product_type)
 
 
 # ============================================================================= the lesson ends here
 # What follows draws the figures, runs the shop's tools and keeps the run's books.
 @torch.no_grad()
 def make_figures(model, catalogue, history, code_distribution, samples_by_epoch, args):
+    """Every figure of a trained model. Returns its active units, counted on the test photos' codes."""
     tag = " [SYNTHETIC catalogue]" if catalogue.synthetic else ""  # so no one mistakes it for real results
 
-    def encode(batch):
-        return encode_all(model, batch, args)
-
-    def decode(z):
-        return model.eval().decode(z.to(args.device)).float().cpu()
-
+    encode, decode = partial(encode_all, model, args=args), partial(decode_all, model, args=args)
+    codes = encode(catalogue.images)  # (N, latent): every product's code
+    active = active_units(codes[catalogue.test_index])
     rows, labels = shop.sample_rows(lambda mixture: decode_samples(model, mixture, 10, args.seed, args),
                                     code_distribution, one_kind)
-    show_rows(rows, labels, "New products: codes drawn from the mixture of the types' Gaussians, and from each "
-              "type's, set apart (one_kind)" + tag, args.out / "samples.png")
+    box = decode_box(model, codes[catalogue.train_index], 10, args.seed, args)
+    show_rows([box, *rows], ["box of the codes", *labels], "New products, in the textbook's order: codes from the "
+              "box of the codes, from a Gaussian fitted to them, from one per type, and from four types' set apart "
+              "(one_kind)" + tag, args.out / "samples.png")
     plot_curves(history, {"loss": "reconstruction loss per image", "psnr": "PSNR (dB)"}, args.out / "loss_curves.png",
                 log=("loss",))
-    losses = loss_per_image(model, catalogue.images[catalogue.test_index], args)
-    shop.figures(samples_by_epoch, "AE", encode, decode, encode(catalogue.images), losses, catalogue, tag, args)
+    draw_code_space("AE", codes, decode, product_kinds(catalogue), catalogue, active, ACTIVE, False, tag, args.out)
+    shop.figures(samples_by_epoch, "AE", encode, decode, codes, catalogue, tag, args)
+    return active
 
 
 def main(argv=None):
@@ -319,29 +326,29 @@ def main(argv=None):
     history = state["history"] if state else []
     code_distribution = state.get("code_distribution") if state else None
     samples_by_epoch = state["samples_by_epoch"] if state else []  # [(epoch, images)], kept in the checkpoint
-    if args.figures_only and args.num_samples:  # the checkpoint is all that sampling needs: no photos
-        write_samples(model, code_distribution, args.num_samples, args)
+    if args.figures_only and args.num_samples:  # the checkpoint is all that sampling needs: no photos, no figures
+        return write_samples(model, code_distribution, args.num_samples, args)
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
     kinds = product_kinds(catalogue)
     train_kinds = [kinds[i] for i in catalogue.train_index.tolist()]
     prepare_out(SCRIPT, args, catalogue, state, training=not (args.figures_only or tool))
     if tool:
-        return shop.run_tools(lambda batch: encode_all(model, batch, args),
-                              lambda batch: loss_per_image(model, batch, args), catalogue, checkpoint, args)
+        return shop.run_tools(partial(encode_all, model, args=args), partial(decode_all, model, args=args),
+                              catalogue, checkpoint, args)
 
     if not args.figures_only:
         code_distribution = train_model(model, train_images, train_kinds, test_images, history, samples_by_epoch,
                                         state, args)
     if code_distribution is None or "kinds" not in code_distribution:  # stopped early, or an older model.pt
         code_distribution = fit_code_distribution(encode_all(model, train_images, args), train_kinds)
-    make_figures(model, catalogue, history, code_distribution, samples_by_epoch, args)
-    if args.num_samples and not args.figures_only:
+    active = make_figures(model, catalogue, history, code_distribution, samples_by_epoch, args)
+    if args.num_samples:
         write_samples(model, code_distribution, args.num_samples, args)
     final = run_epoch(model, test_images, args)
-    print(f"test: reconstruction {final['loss']:.1f} per image, PSNR {final['psnr']:.2f} dB; figures in {args.out}/"
+    print(f"test: reconstruction {final['loss']:.1f} per image, PSNR {final['psnr']:.2f} dB, {active} of "
+          f"{args.latent_dim} code dimensions active; figures in {args.out}/"
           + (" (a SYNTHETIC catalogue: not real results)" if catalogue.synthetic else ""))
-
 
 if __name__ == "__main__":
     main()

@@ -25,6 +25,7 @@ import os
 import random
 import shlex
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageChops, ImageDraw
+from PIL import Image, ImageChops, ImageDraw, ImageFont
 from torch.nn import functional as F
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
@@ -74,32 +75,41 @@ def to_rgb(image):
     return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB photo
 
 
-def product_box(image, faint=12, solid=36, mass_trim=0.01):
-    """The box (x0, y0, x1, y1), in float pixels, around the product in a photo on white; None if blank.
-
-    It is judged on a copy shrunk to 128 px, whose averaging wipes out JPEG noise, so a 2400 px
-    original and its 240 px copy get the same box. A pixel counts as product in proportion to how
-    much darker than white it is: not at all below `faint` levels (shadows, noise), fully past
-    `solid`. The box then leaves out the outer `mass_trim` of that weight on each side, so a stray
-    speck cannot widen it, and it is placed to a fraction of a pixel: at 64 px a one-pixel shift of
-    a sharp edge would make the same photo look different.
-    """
+def ink(image, faint=12, solid=36):
+    """How much each pixel counts as product, judged on a copy shrunk to 128 px, whose averaging wipes
+    out JPEG noise (so a 2400 px original and its 240 px copy agree): (h, w) in [0, 1], and the copy's
+    size. A pixel counts in proportion to how much darker than white it is: not at all below `faint`
+    levels (shadows, noise), fully past `solid`."""
     small = image.copy()
     small.thumbnail((128, 128), Image.Resampling.BOX)
     red, green, blue = small.split()
     darkest = ImageChops.darker(ImageChops.darker(red, green), blue)  # min(R, G, B) per pixel, in C: fast
-    ink = 255 - np.asarray(darkest, dtype=np.float32)  # (h, w), 0 = white
-    weight = np.clip((ink - faint) / (solid - faint), 0, 1)
+    darkness = 255 - np.asarray(darkest, dtype=np.float32)  # (h, w), 0 = white
+    return np.clip((darkness - faint) / (solid - faint), 0, 1), small.size
+
+
+def product_box(image, mass_trim=0.01):
+    """The box (x0, y0, x1, y1), in float pixels, around the product in a photo on white; None if blank.
+    It leaves out the outer `mass_trim` of the ink on each side, so a stray speck cannot widen it, and
+    it is placed to a fraction of a pixel: at 64 px a one-pixel shift of a sharp edge would make the
+    same photo look different."""
+    weight, (width, height) = ink(image)
     if weight.sum() < 4:
         return None
     box = []
-    for axis, scale in ((0, image.width / small.width), (1, image.height / small.height)):
+    for axis, scale in ((0, image.width / width), (1, image.height / height)):
         profile = weight.sum(axis=axis)  # axis 0 sums over rows: weight per column, then per row
         cumulative = np.concatenate([[0], np.cumsum(profile)]) / profile.sum()  # at pixel edges
         edges = np.arange(len(cumulative))
         box.append(np.interp([mass_trim, 1 - mass_trim], cumulative, edges) * scale)
     (x0, x1), (y0, y1) = box
     return x0, y0, x1, y1
+
+
+def edge_ink(image):
+    """The share of a photo's outermost pixels that count as product (ink): ~0 for a product on white."""
+    weight = ink(image)[0]
+    return float(np.concatenate([weight[0], weight[-1], weight[:, 0], weight[:, -1]]).mean())
 
 
 def frame_product(image, size, margin=0.04):
@@ -119,16 +129,45 @@ def frame_product(image, size, margin=0.04):
     return np.asarray(square)
 
 
+class Unreadable(Exception):
+    """A file that is not an image Pillow can read safely; the message says why."""
+
+
+@contextmanager
+def opened_image(path, draft_size=None):
+    """The image in a file, decoded, for a `with` block; a JPEG may be decoded straight to about
+    `draft_size`. A file that cannot or must not be read raises Unreadable, which says why: missing,
+    not an image, truncated, or more pixels than Pillow's limit, as a decompression bomb has (a few
+    KB that unpack to gigabytes). Every file a user hands the scripts is read through this."""
+    try:
+        with warnings.catch_warnings():  # Pillow only warns past its limit, and refuses past twice it
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise Unreadable(f"more pixels than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,}, refused as a possible "
+                         f"decompression bomb") from None
+    except FileNotFoundError:
+        raise Unreadable("no such file") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise Unreadable(f"not a readable image ({error.__class__.__name__})") from None
+    with image:
+        try:
+            if draft_size:
+                image.draft("RGB", draft_size)
+            image.load()
+        except (OSError, SyntaxError, ValueError) as error:
+            raise Unreadable(f"not a readable image ({error.__class__.__name__})") from None
+        yield image
+
+
 def decode(path, size):
     """One file to a framed array, or None when it cannot be read (corrupt, truncated, not an image)."""
     try:
-        with Image.open(path) as image:
-            # Draft mode lets the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding: a 2400 px
-            # original is decoded straight to ~300 px, which is most of the speed of a cold load.
-            image.draft("RGB", (2 * size, 2 * size))
-            image.load()
+        # Draft mode lets the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding: a 2400 px
+        # original is decoded straight to ~300 px, which is most of the speed of a cold load.
+        with opened_image(path, (2 * size, 2 * size)) as image:
             return frame_product(image, size)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Unreadable:
         return None
 
 
@@ -396,6 +435,47 @@ def select_device(name=None):
     return device
 
 
+# ----------------------------------------------------------------------------- numerics the lessons share
+def one_cycle(optimizer, peak, steps, warmup):
+    """PyTorch's one-cycle learning rate over `steps` steps, climbing to `peak` over the first `warmup`
+    of them. It measures a phase in steps less one, so a climb of exactly one step would divide by zero
+    (5 steps in all at a warm-up of 0.2); such a run climbs over two."""
+    if warmup * steps == 1:
+        warmup = 2 / steps
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, peak, total_steps=steps, pct_start=warmup)
+
+
+def square_root(covariance):
+    """L with L L^T = covariance, to draw z = mean + L eps: Cholesky's, or where rounding has left the
+    covariance not quite positive definite (codes of a run that blew up spread over 1e8, and a ridge
+    of 1e-3 is lost in their rounding), the symmetric root, negative eigenvalues set to 0."""
+    root, failed = torch.linalg.cholesky_ex(covariance)
+    if not failed:
+        return root
+    values, vectors = torch.linalg.eigh(covariance.double())
+    return (vectors * values.clamp_min(0).sqrt()).to(covariance.dtype)
+
+
+def average_colour(photos, block=1024):
+    """The mean colour (3,) in [0, 1] of photos (N, 3, S, S) as bytes, summed in blocks: no float copy of all."""
+    return sum(batch.float().sum((0, 2, 3)) for batch in photos.split(block)) / 255 / photos[:, 0].numel()
+
+
+def divergence_limit(loss, colour, photos, corrupt=None, block=256):
+    """The test loss past which a run has diverged (epoch_row stops it there): that of what the model
+    starts from, with its squared error doubled (3 dB worse). An autoencoder's decoder starts from a
+    flat picture in the training photos' average colour `colour` (3,); a denoiser from handing back
+    its input, `corrupt(images)`, or that flat picture, whichever is worse. `loss(recon, images)` is
+    the script's loss; photos (N, 3, S, S) are bytes."""
+    totals = [0.0, 0.0]
+    for batch in photos.split(block):
+        images = batch.float() / 255
+        starts = [colour.view(1, 3, 1, 1).expand_as(images), *([corrupt(images)] if corrupt else [])]
+        for i, start in enumerate(starts):
+            totals[i] += loss(images + math.sqrt(2) * (start - images), images).item() * len(batch)
+    return max(totals[:1 + (corrupt is not None)]) / len(photos)
+
+
 # ============================================================================= a run's bookkeeping
 # The same in all three scripts and none of their lesson: the command line that reruns a run, the
 # checkpoint (saved atomically, loaded with the flags that define the model), metrics.csv, the
@@ -464,11 +544,12 @@ def start_run(script, args, defaults, model_flags, training_flags, load):
     def value(v):  # as a shell reads it back: a list as its items, a name with spaces quoted
         return " ".join(shlex.quote(str(item)) for item in (v if isinstance(v, list) else [v]))
 
-    print(script, *[flag_name(k) + ("" if v is True else f" {value(v)}") for k, v in vars(args).items()
-                    if v != defaults[k] and k != "data"], "--data", shlex.quote(str(data_folder(args.data))))
+    print("python", script, *[flag_name(k) + ("" if v is True else f" {value(v)}") for k, v in vars(args).items()
+                              if v != defaults[k] and k != "data"], "--data", shlex.quote(str(data_folder(args.data))))
     checkpoint = args.checkpoint or args.out / "model.pt"
     flags = model_flags + (training_flags if args.resume else ())
-    state = load_checkpoint(checkpoint, script, args, defaults, flags) if load else None
+    given = "--checkpoint" if args.checkpoint else "--out"  # the flag that named the file, for its errors
+    state = load_checkpoint(checkpoint, script, args, defaults, flags, given) if load else None
     torch.manual_seed(args.seed)
     # Numbers below ~1e-38 ("denormals") take a slow path in x86 CPUs, and a well-trained model's
     # gradients hold many of them; flushed to zero they change nothing visible.
@@ -480,7 +561,9 @@ def start_run(script, args, defaults, model_flags, training_flags, load):
 def read_checkpoint(path, script, flag="--checkpoint"):
     """The contents of a model.pt that `script` saved; anything else is a one-line error naming `flag`."""
     if not path.is_file():
-        raise SystemExit(f"error: {flag} {path}: no such file (train first: python {script})")
+        raise SystemExit(f"error: {flag} {path.parent if flag == '--out' else path}: no model.pt there (train first: "
+                         f"python {script} --out {shlex.quote(str(path.parent))})" if path.name == "model.pt" else
+                         f"error: {flag} {path}: no such file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -491,10 +574,10 @@ def read_checkpoint(path, script, flag="--checkpoint"):
     return state
 
 
-def load_checkpoint(path, script, args, defaults, flags):
+def load_checkpoint(path, script, args, defaults, flags, given="--checkpoint"):
     """A saved run. The flags that define it (`flags`) are taken from it, and said so; a flag that
     the command line sets to another value than the saved one is an error naming it."""
-    state, restored = read_checkpoint(path, script), []
+    state, restored = read_checkpoint(path, script, given), []
     for flag in flags:
         saved, given = state["args"][flag], getattr(args, flag)
         if given != saved and given != defaults[flag]:
@@ -547,14 +630,25 @@ def resume_training(state, optimizer, schedule, generator, args):
     save_metrics(args.out / "metrics.csv", state["history"], append=False)
 
 
-def epoch_row(epoch, train, test, seconds, count, args):
-    """One row of metrics.csv: the epoch, every train_ and test_ number, the time it took. A loss
-    that is no longer finite stops the run here, with the last good model kept."""
+def epoch_row(epoch, train, test, seconds, count, args, limit):
+    """One row of metrics.csv: the epoch, every train_ and test_ number, the time it took.
+
+    A run that diverged stops here, before its checkpoint is written, so the last good model is kept:
+    a loss that is no longer finite, or a test loss past `limit` (divergence_limit). It is judged on
+    the test pass: that is the model about to be saved, in the mode it will be used in, while the
+    training loss averages a model that changed over the epoch (on moved photos, sampled codes or
+    random noise levels)."""
     row = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}, **{f"test_{k}": v for k, v in test.items()},
            "seconds": seconds, "images_per_second": count / seconds}
+    kept = (f"{args.out / 'model.pt'} still holds the model of epoch {epoch - 1}" if epoch > 1 else
+            "no epoch finished, so no model was saved")
     if not all(math.isfinite(value) for value in row.values()):
-        raise SystemExit(f"error: the loss became non-finite in epoch {epoch} (try a smaller --lr); "
-                         f"{args.out / 'model.pt'} still holds the model of epoch {epoch - 1}")
+        raise SystemExit(f"error: the loss became non-finite in epoch {epoch}; try a smaller --lr than {args.lr:.3g}. "
+                         f"{kept}")
+    if test["loss"] > limit:
+        raise SystemExit(f"error: training diverged in epoch {epoch} (test loss {test['loss']:,.1f}, worse than a flat "
+                         f"picture of the photos' average colour with twice its error: {limit:,.1f}); try a smaller "
+                         f"--lr than {args.lr:.3g}. {kept}")
     return row
 
 
@@ -581,13 +675,13 @@ def log_epoch(row, args, started, first):
           f"{row['images_per_second']:5.0f} img/s | ETA {eta:3.0f} s", flush=True)
 
 
-def save_images(images, folder):
-    """(N, 3, S, S) images in [0, 1] as PNG files image_0000.png, ... in `folder`."""
-    from PIL import Image
-
+def save_images(images, folder, kind=None):
+    """(N, 3, S, S) images in [0, 1] as PNG files sample_0000.png, ... in `folder` (new products of
+    `kind`, or of every kind), and a line that says so."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(folder / f"sample_{i:04d}.png")
+    print(f"wrote {folder}/ ({len(images)} new products" + (f" of type {kind})" if kind else ")"))
 
 
 @contextmanager
@@ -621,37 +715,56 @@ def save_metrics(path, rows, append):
 
 
 # ----------------------------------------------------------------------------- figures
-def show_rows(rows, labels, title, path, columns_titles=None):
-    """Save a titled grid of images: rows is a list of (n, 3, S, S) tensors, one per labelled row.
-    The images are pasted into one picture, drawn once: much faster than one plot per image."""
-    import matplotlib.pyplot as plt  # imported here: only figure code needs it
+def text_font(size):
+    """DejaVu Sans, which matplotlib ships, at `size` pixels: the figures' lettering."""
+    import matplotlib
 
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+
+
+def show_rows(rows, labels, title, path, columns_titles=None):
+    """Save a titled grid of images: rows is a list of (n, 3, S, S) tensors, one per labelled row,
+    with `columns_titles` over the columns. Pasted and lettered with Pillow: a grid of images needs
+    no plotting library, and takes a hundredth of the time. Small images are enlarged by whole
+    pixels, so every pixel the model drew stays one sharp square."""
     rows = [row.float() / 255 if row.dtype == torch.uint8 else row for row in rows]  # photos are bytes
-    size, gap, columns = rows[0].shape[-1], 2, max(len(row) for row in rows)
-    step = size + gap
-    grid = torch.ones(3, len(rows) * step - gap, columns * step - gap)  # white between the images
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            grid[:, r * step:r * step + size, c * step:c * step + size] = image.clamp(0, 1).cpu()
-    labels_width = max(1.2, 0.07 * max(len(line) for label in labels for line in str(label).split("\n")))
-    width = max(1.1 * columns + labels_width, 0.075 * len(title))  # the images, the labels left of them, the title
-    # As tall as the images at that width, plus the title: no empty band above or below the grid.
-    height = (width - labels_width) * grid.shape[1] / grid.shape[2] + 0.6 + (0.2 if columns_titles else 0)
-    figure, axis = plt.subplots(figsize=(width, height))
-    axis.imshow(grid.permute(1, 2, 0).numpy())
-    axis.set_yticks([r * step + size / 2 for r in range(len(rows))], labels, fontsize=8)
-    if columns_titles:
-        axis.set_xticks([c * step + size / 2 for c in range(columns)], columns_titles[:columns], fontsize=7)
-    else:
-        axis.set_xticks([])
-    axis.xaxis.tick_top()
-    axis.tick_params(length=0)
-    for spine in axis.spines.values():
-        spine.set_visible(False)
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    size, columns = rows[0].shape[-1], max(len(row) for row in rows)
+    grid = image_grid(torch.cat([torch.cat([row.cpu(), torch.ones(columns - len(row), *row.shape[1:])])
+                                 for row in rows]), columns)  # short rows end in white
+    zoom = max(1, math.ceil(96 / size))  # at least 96 px an image
+    picture = Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy())
+    picture = picture.resize((picture.width * zoom, picture.height * zoom), Image.Resampling.NEAREST)
+    font, small = text_font(13), text_font(11)
+    step = (size + 2) * zoom
+    label_lines = [str(label).split("\n") for label in labels]
+    left = 12 + max(font.getlength(line) for lines in label_lines for line in lines)
+    width = max(int(left) + picture.width + 12, 300)
+    title_lines = wrap_text(title, font, width - 24)
+    top = 12 + 18 * len(title_lines) + (18 if columns_titles else 4)
+    figure = Image.new("RGB", (width, top + picture.height + 10), "white")
+    draw = ImageDraw.Draw(figure)
+    for number, line in enumerate(title_lines):
+        draw.text((width / 2, 10 + 18 * number), line, fill="black", font=font, anchor="ma")
+    figure.paste(picture, (int(left), top))
+    for row, lines in enumerate(label_lines):  # each label centred on its row, right-aligned against it
+        middle = top + row * step + size * zoom / 2 - 8 * (len(lines) - 1)
+        for number, line in enumerate(lines):
+            draw.text((left - 6, middle + 16 * number), line, fill="black", font=font, anchor="rm")
+    for column, name in enumerate((columns_titles or [])[:columns]):
+        draw.text((left + column * step + size * zoom / 2, top - 4), str(name), fill="black", font=small, anchor="md")
+    figure.save(path)
+
+
+def wrap_text(text, font, width):
+    """`text` broken into lines of at most `width` pixels in `font`, at spaces."""
+    lines = [""]
+    for word in text.split(" "):
+        candidate = f"{lines[-1]} {word}".strip()
+        if font.getlength(candidate) <= width or not lines[-1]:
+            lines[-1] = candidate
+        else:
+            lines.append(word)
+    return lines
 
 
 def plot_curves(history, panels, path, log=()):
@@ -674,25 +787,163 @@ def plot_curves(history, panels, path, log=()):
     plt.close(figure)
 
 
-def plot_latent_map(codes, catalogue, title, path):
-    """The test products on the two principal directions of all codes, coloured by Category and Gender."""
+# ----------------------------------------------------------------------------- the code space, drawn
+def main_directions(codes):
+    """The codes' principal directions (latent, latent), one unit row each, most spread first, and each
+    one's share of their variance (latent,): PCA by hand."""
+    _, values, directions = torch.linalg.svd(codes - codes.mean(0), full_matrices=False)
+    return directions, values**2 / (values**2).sum()
+
+
+def code_plane(codes, prior, steps=8):
+    """The plane code_plane.png draws: its axes (dims, latent) through `origin`, their names, every
+    code's place on them (N, dims), and a grid of steps^dims codes on it with each axis's ticks.
+
+    A code of 1 or 2 numbers is its own plane; a longer one is shown on its two main directions.
+    For the VAE (`prior`) the plane passes through 0 and the grid stands at N(0, 1) quantiles: where
+    the prior puts its mass (Kingma & Welling 2014, figure 4). An AE has no prior: its plane passes
+    through the mean code, and the grid spans the box of its codes, holes and all."""
+    latent = codes.shape[1]
+    dims = min(2, latent)
+    if latent <= 2:
+        axes, names = torch.eye(latent), [f"z[{i}]" for i in range(latent)]
+    else:
+        directions, shares = main_directions(codes)
+        axes = directions[:2]  # (2, latent)
+        names = [f"main direction {i + 1} ({share:.0%} of the variance)" for i, share in enumerate(shares[:2])]
+    origin = torch.zeros(latent) if prior else codes.mean(0)
+    places = (codes - origin) @ axes.T  # (N, dims)
+    if prior:
+        ticks = torch.distributions.Normal(0, 1).icdf(torch.linspace(0.05, 0.95, steps)).repeat(dims, 1)
+    else:
+        ticks = torch.stack([torch.linspace(low, high, steps) for low, high in zip(places.min(0).values,
+                                                                                   places.max(0).values)])
+    # The grid in reading order: rows down the second axis from its top, columns along the first.
+    corners = torch.cartesian_prod(ticks[1].flip(0), ticks[0]).flip(1) if dims == 2 else ticks[0].view(-1, 1)
+    return {"axes": axes, "origin": origin, "names": names, "places": places, "ticks": ticks,
+            "grid": origin + corners @ axes}  # grid: (steps^dims, latent)
+
+
+def image_grid(images, columns, gap=2):
+    """(N, 3, S, S) images in [0, 1] pasted into one (3, H, W) picture, `columns` to a row, white between."""
+    size, rows = images.shape[-1], math.ceil(len(images) / columns)
+    step = size + gap
+    picture = torch.ones(3, rows * step - gap, columns * step - gap)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        picture[:, row * step:row * step + size, column * step:column * step + size] = image.clamp(0, 1).cpu()
+    return picture
+
+
+def plot_code_plane(plane, decoded, kinds, shown, title, path):
+    """code_plane.png: left, the `shown` products' places on the plane, coloured by kind (the eight
+    commonest; the rest grey), with the grid's points marked; right, the grid `decoded`."""
     import matplotlib.pyplot as plt
 
-    metadata, test = catalogue.metadata, catalogue.test_index
-    centred = codes - codes.mean(0)
-    directions = torch.linalg.svd(centred, full_matrices=False)[2]  # PCA by hand
-    xy = centred[test] @ directions[:2].T  # (N_test, 2)
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    for axis, column in zip(axes, ["Category", "Gender"]):
-        values = metadata[column].iloc[test.tolist()]
-        for value in sorted(values.unique()):
-            mask = torch.tensor((values == value).values)
-            axis.scatter(xy[mask, 0], xy[mask, 1], s=8, label=value or "(none)")
-        axis.set(title=f"{title}, by {column}", xlabel="PC 1", ylabel="PC 2")
-        axis.legend(fontsize=8)
-    figure.tight_layout()
+    places, ticks, names = plane["places"][shown], plane["ticks"], plane["names"]
+    dims, steps = ticks.shape
+    labels = [kinds[i] for i in shown.tolist()]
+    commonest = sorted(set(labels), key=lambda kind: (-labels.count(kind), kind))[:8]
+    # Two numbers: the plane itself. One: each kind on a row of its own, the grid on a row below.
+    heights = places[:, 1] if dims == 2 else torch.tensor([float(commonest.index(k)) if k in commonest
+                                                           else len(commonest) for k in labels])
+    marks = torch.cartesian_prod(*ticks) if dims == 2 else torch.stack([ticks[0], torch.full((steps,), -1.0)], 1)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5.8))
+    for kind in [*commonest, None]:
+        mask = torch.tensor([label == kind if kind else label not in commonest for label in labels])
+        if mask.any():
+            left.scatter(places[mask, 0], heights[mask], s=10, label=kind or "other types",
+                         color=None if kind else "lightgrey", zorder=2 if kind else 1)
+    left.scatter(marks[:, 0], marks[:, 1], marker="+", s=40, color="black", label="decoded on the right")
+    left.set(xlabel=names[0], ylabel=names[1] if dims == 2 else "", title="the test products' codes")
+    if dims == 1:
+        left.set_yticks(range(-1, len(commonest) + 1), ["the grid", *commonest, "other types"], fontsize=7)
+    left.legend(fontsize=7)
+    picture = image_grid(decoded, steps)
+    right.imshow(picture.permute(1, 2, 0).numpy())
+    size = decoded.shape[-1]
+    centres = [i * (size + 2) + size / 2 for i in range(steps)]
+    right.set_xticks(centres, [f"{tick:.2g}" for tick in ticks[0]], fontsize=7)
+    right.set_yticks(centres[:len(decoded) // steps], [f"{tick:.2g}" for tick in ticks[-1].flip(0)] if dims == 2
+                     else [""], fontsize=7)
+    right.set(xlabel=names[0], ylabel=names[1] if dims == 2 else "", title="the grid's codes, decoded")
+    figure.suptitle(title, fontsize=10)
+    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.88, wspace=0.25)
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def plot_codes_against_prior(codes, active, threshold, title, path, shown=7):
+    """codes_vs_prior.png: histograms of `shown` code dimensions, from the most to the least varied,
+    with the N(0, 1) density over them; last, every dimension's variance across photos, sorted, and
+    the line past which it counts as active."""
+    import matplotlib.pyplot as plt
+
+    variances = codes.var(0, correction=0)
+    order = variances.argsort(descending=True)
+    picked = order[torch.linspace(0, len(order) - 1, min(shown, len(order))).round().long().unique()]
+    figure, axes = plt.subplots(2, 4, figsize=(15, 6.5))
+    for axis, dimension in zip(axes.flat, picked.tolist()):
+        values = codes[:, dimension]
+        low, high = min(-4.0, values.min().item()), max(4.0, values.max().item())
+        counts = torch.histc(values, bins=40, min=low, max=high)  # one outline, not 40 bars: drawn in a blink
+        axis.stairs((counts / counts.sum() / ((high - low) / 40)).numpy(), torch.linspace(low, high, 41).numpy(),
+                    fill=True, alpha=0.6, label="codes")
+        x = torch.linspace(low, high, 200)
+        axis.plot(x, torch.exp(-x**2 / 2) / math.sqrt(2 * math.pi), color="black", label="N(0, 1)")
+        state = "active" if variances[dimension] > threshold else "inactive"
+        axis.set(title=f"z[{dimension}]: variance {variances[dimension]:.2g}, {state}", xlabel="value",
+                 ylabel="density")
+        axis.title.set_fontsize(9)
+        axis.legend(fontsize=7)
+    for axis in axes.flat[len(picked):-1]:
+        axis.axis("off")
+    axis = axes.flat[-1]
+    shown = variances[order].clamp_min(threshold / 100)
+    axis.semilogy(range(1, len(order) + 1), shown.numpy(), marker=".")
+    axis.axhline(threshold, color="red", linestyle="--", label=f"{threshold}: active above")
+    axis.set_ylim(threshold / 200, max(shown.max().item(), threshold) * 2)
+    axis.set(title=f"variance of each dimension, sorted: {active} active", xlabel="dimensions, most varied first",
+             ylabel="variance across photos")
+    axis.title.set_fontsize(9)
+    axis.legend(fontsize=7)
+    figure.suptitle(title, fontsize=10)
+    figure.subplots_adjust(left=0.05, right=0.98, bottom=0.09, top=0.87, hspace=0.45, wspace=0.3)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def traversal_codes(codes, rows=5, steps=9, reach=2.0):
+    """The mean code moved along each of the codes' first `rows` main directions, from -reach to +reach
+    standard deviations of the codes along it: (rows, steps, latent), and each direction's share of
+    the variance (rows,)."""
+    directions, shares = main_directions(codes)
+    directions = directions[:rows]  # (rows, latent)
+    mean = codes.mean(0)
+    spread = ((codes - mean) @ directions.T).std(0)  # (rows,)
+    offsets = torch.linspace(-reach, reach, steps).view(1, -1, 1) * spread.view(-1, 1, 1)  # (rows, steps, 1)
+    return mean + offsets * directions.unsqueeze(1), shares[:rows]
+
+
+def draw_code_space(name, codes, decode, kinds, catalogue, active, threshold, prior, tag, out):
+    """The three pictures of what the code learned, the same for the AE and the VAE so that they differ
+    by what the KL does: code_plane.png, codes_vs_prior.png and traversals.png. `codes` are every
+    product's, `decode` takes codes to images, `active` is the count of active units."""
+    test, latent = catalogue.test_index, codes.shape[1]
+    plane = code_plane(codes, prior)
+    where = ("the code's own numbers" if latent <= 2 else "the codes' two main directions")
+    grid = "N(0, 1) quantiles, where the prior puts its mass" if prior else "the box of the codes, holes and all"
+    plot_code_plane(plane, decode(plane["grid"]), kinds, test, f"The {name}'s code plane ({latent} numbers), on "
+                    f"{where}: the test products' codes, and a grid at {grid}, decoded{tag}", out / "code_plane.png")
+    plot_codes_against_prior(codes[test], active, threshold, f"The {name}'s codes of the {len(test)} test photos "
+                             f"against the prior N(0, 1): {active} of {latent} dimensions active{tag}",
+                             out / "codes_vs_prior.png")
+    moved, shares = traversal_codes(codes[catalogue.train_index])
+    steps = moved.shape[1]
+    show_rows([decode(row) for row in moved], [f"direction {i + 1}\n{share:.0%} of the variance"
+                                               for i, share in enumerate(shares)],
+              f"The mean training code moved along the {name}'s main directions{tag}", out / "traversals.png",
+              [f"{value:+.1f} sd" for value in torch.linspace(-2, 2, steps).tolist()])
 
 
 def product_kinds(catalogue):

@@ -41,7 +41,7 @@ import ae
 import dae
 import shop
 import vae
-from common import REPO, load_catalogue, product_kinds, read_checkpoint, select_device, show_rows
+from common import REPO, load_catalogue, one_cycle, product_kinds, read_checkpoint, select_device, show_rows
 
 SCRIPTS = {"ae": ae.Autoencoder, "dae": dae.DenoisingAutoencoder, "vae": vae.VAE}  # name: its model
 TYPES = ("Tshirts", "Sports Shoes")  # the product types whose samples are checked by the classifier
@@ -204,8 +204,7 @@ def train_classifier(catalogue, args):
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     # Annealed to zero, as the scripts' models are: at a constant rate the last step's weights are a
     # random draw among good and bad ones, and the measures would change with the starting weights.
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, epochs=args.classifier_epochs,
-                                                   steps_per_epoch=math.ceil(len(images) / 64), pct_start=0.2)
+    schedule = one_cycle(optimizer, 2e-3, args.classifier_epochs * math.ceil(len(images) / 64), 0.2)
     generator, tick = torch.Generator().manual_seed(args.seed), time.time()
     for _ in range(args.classifier_epochs):
         model.train()
@@ -226,6 +225,7 @@ def train_classifier(catalogue, args):
     print(f"FD classifier: {len(classes)} ProductTypes, test accuracy {accuracy:.3f} ({time.time() - tick:.0f} s)")
     torch.save({"key": key, "state_dict": model.state_dict()}, cache.with_suffix(".tmp"))
     os.replace(cache.with_suffix(".tmp"), cache)
+    print(f"wrote {cache} (used again while the photos and its recipe stay the same)")
     return model, classes
 
 
@@ -362,6 +362,8 @@ def main(argv=None):
     tag = " [SYNTHETIC catalogue]" if catalogue.synthetic else ""
     show_rows(list(outputs.values()), [name.replace(".py", "").upper() if ".py" in name else "PCA" for name in outputs],
               "The same 8 test products, reconstructed from clean photos" + tag, args.out / "same_products.png")
+    for name in ("table.md", "summary.json", "same_products.png"):
+        print(f"wrote {args.out / name}")
 
 
 if __name__ == "__main__":

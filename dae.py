@@ -21,7 +21,7 @@ coarse code decides what is noise; and it works on a pixel-unshuffled copy (FFDN
 pixels become 12 channels, nothing is lost and no layer runs at full resolution, where a CPU
 spends its time.
 
-Run:    python dae.py --epochs 50                     (--noise jpeg --noise-strength 0.4, ...)
+Run:    python dae.py --epochs 50     (--noise jpeg, ...: each kind has a test strength of its own)
 Writes: out/dae/ - model.pt, metrics.csv, denoising.csv, loss_curves.png,
         denoising_<kind>.png (photos), denoised_<kind>.png (the DAE's outputs alone)
 Again:  python dae.py --figures-only   (the table and figures from the saved model, no training)
@@ -39,8 +39,8 @@ import torch
 from PIL import Image, ImageFilter
 from torch import nn
 
-from common import (REPO, add_run_flags, check_flags, end_epoch, epoch_row, load_catalogue, log_epoch, plot_curves,
-                    prepare_out, resume_training, show_rows, shown_products, start_run, stop_cleanly)
+from common import (REPO, add_run_flags, average_colour, check_flags, divergence_limit, end_epoch, epoch_row, load_catalogue, log_epoch,
+                    plot_curves, prepare_out, resume_training, show_rows, shown_products, start_run, stop_cleanly)
 import shop
 
 
@@ -58,15 +58,17 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=int, default=64, help="photos are resized to this (multiple of 16)")
     # noise
     parser.add_argument("--noise", choices=NOISE_KINDS, default="gaussian", help="the corruption to train on")
-    parser.add_argument("--noise-strength", type=float, default=0.1,
-                        help="the test's strength; training draws each image's from [0, twice this]. gaussian: std; "
-                             "salt-and-pepper: fraction of pixels; occlusion: fraction covered; jpeg: 1 - quality/100")
+    parser.add_argument("--noise-strength", type=float, default=None,
+                        help="the test's strength; training draws each image's from [0, twice this]. If not given, "
+                             "the kind's own: gaussian 0.1 (standard deviation), salt-and-pepper 0.1 (the fraction "
+                             "of pixels hit), occlusion 0.1 (the fraction covered), jpeg 0.4 (1 - quality/100: "
+                             "quality 60; at 0.1 the damage is too slight to undo)")
     # data, device, outputs, a saved run: the same in every script
     add_run_flags(parser, REPO / "out" / "dae", tools=False)
     parser.add_argument("--clean", nargs="+", default=None, metavar="PHOTO",
                         help="a tool for a shop: denoise these photo files at their own size into OUT/<name>_clean.png")
     args = check_flags(parser, parser.parse_args(argv))
-    if not 0 < args.noise_strength < 1:
+    if args.noise_strength is not None and not 0 < args.noise_strength < 1:
         parser.error("--noise-strength must be between 0 and 1")
     return args
 
@@ -81,6 +83,7 @@ TABLE_PRODUCTS = 1000
 
 # ----------------------------------------------------------------------------- noise
 NOISE_KINDS = ("gaussian", "salt-and-pepper", "occlusion", "jpeg")
+STRENGTHS = {"gaussian": 0.1, "salt-and-pepper": 0.1, "occlusion": 0.1, "jpeg": 0.4}  # each kind's test, by default
 
 
 def add_noise(images, kind, strength, generator=None):
@@ -102,7 +105,7 @@ def add_noise(images, kind, strength, generator=None):
     for i in range(batch):
         if kind == "occlusion":  # grey rectangles, like stickers or watermarks, over about `strength` of the image
             covered = torch.zeros(size, size, dtype=torch.bool)
-            while covered.float().mean() < strength[i]:
+            while covered.float().mean() < min(strength[i], 1):  # training draws up to twice --noise-strength
                 height, width = (torch.randint(size // 8, size // 3 + 1, (2,), generator=generator)).tolist()
                 top, left = (torch.randint(0, size - height + 1, (1,), generator=generator).item(),
                              torch.randint(0, size - width + 1, (1,), generator=generator).item())
@@ -215,6 +218,12 @@ def train_model(model, train_images, test_images, history, state, args):
     generator = torch.Generator().manual_seed(args.seed)
     if args.resume:
         resume_training(state, optimizer, schedule, generator, args)
+    # Past this test loss the run has diverged (epoch_row stops it): twice the error of what the DAE
+    # starts from, its noisy input handed back, or a flat picture of the photos' average colour.
+    def corrupt(images):
+        return add_noise(images, args.noise, args.noise_strength, torch.Generator().manual_seed(args.seed))
+
+    limit = divergence_limit(reconstruction_loss, average_colour(train_images), test_images, corrupt)
     started, first = time.time(), len(history) + 1
     with stop_cleanly(args):
         for epoch in range(first, args.epochs + 1):
@@ -222,7 +231,7 @@ def train_model(model, train_images, test_images, history, state, args):
             train = run_epoch(model, train_images, args, optimizer, generator)
             test = run_epoch(model, test_images, args)
             schedule.step()
-            row = epoch_row(epoch, train, test, time.time() - tick, len(train_images), args)
+            row = epoch_row(epoch, train, test, time.time() - tick, len(train_images), args, limit)
             end_epoch(SCRIPT, model, history, row, args, optimizer, schedule, generator)
             log_epoch(row, args, started, first)
 
@@ -249,13 +258,14 @@ def pillow_filter(images, image_filter):
 
 @torch.no_grad()
 def evaluate_denoising(model, catalogue, args):
-    """PSNR on the test set (seeded noise) of the noisy input, two filters and the DAE: the trained
-    kind from no noise to twice --noise-strength, then every other kind at --noise-strength. Returns
-    the table's rows and, for the figures, 8 products' images of each kind at --noise-strength."""
+    """PSNR on the test set (seeded noise) of the noisy input, two filters and the DAE, and by how much
+    the DAE beats the better filter: the trained kind from no noise to twice --noise-strength, then
+    every other kind at its own default strength. Returns the table's rows and, for the figures, 8
+    products' images of each kind at the strength named in the figure's title."""
     clean = catalogue.images[shown_products(catalogue, min(TABLE_PRODUCTS, len(catalogue.test_index)))].float() / 255
     shown = torch.linspace(0, len(clean) - 1, 8).long()  # the figures' 8 products: fixed, spread over those scored
-    levels = [(args.noise, round(factor * args.noise_strength, 4)) for factor in (0, 0.5, 1, 1.5, 2)]
-    levels += [(kind, args.noise_strength) for kind in NOISE_KINDS if kind != args.noise]
+    levels = [(args.noise, round(factor * args.noise_strength, 4), factor == 1) for factor in (0, 0.5, 1, 1.5, 2)]
+    levels += [(kind, STRENGTHS[kind], True) for kind in NOISE_KINDS if kind != args.noise]
 
     def candidates(noisy):  # what each contender makes of noisy photos
         return {"noisy input": noisy, "median filter (3)": pillow_filter(noisy, ImageFilter.MedianFilter(3)),
@@ -263,23 +273,26 @@ def evaluate_denoising(model, catalogue, args):
                 "DAE": denoise_all(model, noisy, args)}
 
     rows, outputs = [], {}
-    for kind, strength in levels:
+    for kind, strength, drawn in levels:
         noisy = add_noise(clean, kind, strength, torch.Generator().manual_seed(args.seed))
         # A block of products at a time: four outputs for the whole test set need not be in memory at once.
         scores = [{name: psnr(images, clean[block]) for name, images in candidates(noisy[block]).items()}
                   for block in torch.arange(len(clean)).split(1024)]
-        rows.append({"noise": kind + (" (trained on)" if kind == args.noise else ""), "strength": strength,
-                     **{name: torch.cat([score[name] for score in scores]).mean().item() for name in scores[0]}})
+        row = {name: torch.cat([score[name] for score in scores]).mean().item() for name in scores[0]}
+        row["DAE - best filter"] = row["DAE"] - max(row["median filter (3)"], row["gaussian blur (1)"])
+        rows.append({"noise": kind + (" (trained on)" if kind == args.noise else ""), "strength": strength, **row})
         if strength == 0:  # the input is the clean photo itself: its PSNR is no measure
             rows[-1]["noisy input"] = ""
-        if strength == args.noise_strength:
-            outputs[kind] = {"clean": clean[shown], **candidates(noisy[shown])}
+        if drawn:
+            outputs[kind] = {"strength": strength, "clean": clean[shown], **candidates(noisy[shown])}
     print(f"denoising the {len(clean)} test products" + (f" (of {len(catalogue.test_index)}, spread over them)" if
-          len(clean) < len(catalogue.test_index) else "") + ", PSNR in dB (higher is better):")
+          len(clean) < len(catalogue.test_index) else "") + f" with a DAE trained on {args.noise} noise of strength 0 "
+          f"to {2 * args.noise_strength:g}, PSNR in dB (higher is better):")
     print(f"  {'noise':28s}{'strength':>9s}" + "".join(f"{name:>19s}" for name in list(rows[0])[2:]))
     for row in rows:
         print(f"  {row['noise']:28s}{row['strength']:9.3f}" + "".join(f"{row[name]:19.2f}" if row[name] != "" else
-                                                                      f"{'-':>19s}" for name in list(row)[2:]))
+                                                                      f"{'-':>19s}" for name in list(row)[2:])
+              + ("  <- a filter does better" if row["DAE - best filter"] < 0 else ""))
     with open(args.out / "denoising.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -311,11 +324,14 @@ def denoise_large(model, photo, args, tile=256, margin=16):
 @torch.no_grad()
 def make_figures(catalogue, history, outputs, args):
     tag = " [SYNTHETIC catalogue]" if catalogue.synthetic else ""  # so no one mistakes it for real results
+    trained = f"a DAE trained on {args.noise} noise of strength 0 to {2 * args.noise_strength:g}"
     for kind, candidates in outputs.items():
+        shown = f"{kind} noise of strength {candidates['strength']:g}" + ("" if kind == args.noise else ", which it "
+                                                                            "never saw in training")
         rows = [candidates[name] for name in ("clean", "noisy input", "median filter (3)", "DAE")]
-        show_rows(rows, ["clean", "noisy", "median (3)", "DAE"],
-                  f"Denoising {kind} noise ({args.noise_strength})" + tag, args.out / f"denoising_{kind}.png")
-        show_rows([candidates["DAE"]], ["DAE"], f"DAE outputs, {kind} noise ({args.noise_strength})" + tag,
+        show_rows(rows, ["clean", "noisy", "median (3)", "DAE"], f"Denoising {shown}, by {trained}" + tag,
+                  args.out / f"denoising_{kind}.png")
+        show_rows([candidates["DAE"]], ["DAE"], f"Outputs of {trained}, given {shown}" + tag,
                   args.out / f"denoised_{kind}.png")
     plot_curves(history, {"loss": "loss per image (output vs clean)", "psnr": "test PSNR of the output (dB)"},
                 args.out / "loss_curves.png", log=("loss",))
@@ -325,6 +341,8 @@ def main(argv=None):
     args = parse_args(argv)
     checkpoint, state = start_run(SCRIPT, args, vars(parse_args([])), MODEL_FLAGS, TRAINING_FLAGS,
                                   load=args.figures_only or args.resume or args.clean is not None)
+    if args.noise_strength is None:  # not given, and not taken from a checkpoint: the kind's own
+        args.noise_strength = STRENGTHS[args.noise]
     model = DenoisingAutoencoder(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)
     if state:
         model.load_state_dict(state["state_dict"])

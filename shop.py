@@ -10,6 +10,7 @@ these on their own codes, and compare.py measures every model's codes with the s
 
 import csv
 import hashlib
+import io
 import math
 import os
 import time
@@ -19,23 +20,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import (NEAR_COPY_PSNR, connected_groups, decode, pick, plot_latent_map, show_rows, shown_products,
-                    thumbnails, to_rgb)
+from common import (NEAR_COPY_PSNR, Unreadable, connected_groups, edge_ink, frame_product, opened_image, pick,
+                    product_box, show_rows, shown_products, thumbnails, to_rgb)
 
 
 # ----------------------------------------------------------------------------- the figures every model draws
 def sample_rows(draw, code_distribution, one_kind, rows=4):
-    """Rows of new products: `draw(mixture)` from the mixture of every kind, and from each of the
-    `rows` most common kinds alone (`one_kind(code_distribution, kind)`)."""
+    """Rows of new products, `draw(mixture)`: from one Gaussian fitted to all codes, from the mixture
+    of one per kind, and from each of the `rows` commonest kinds alone (one_kind)."""
     kinds = code_distribution["kinds"]
     common_kinds = sorted(kinds, key=lambda kind: -kinds[kind]["weight"])[:rows]
-    samples = [draw(mixture) for mixture in [kinds, *(one_kind(code_distribution, kind) for kind in common_kinds)]]
-    return samples, ["mixture", *common_kinds]
+    mixtures = [code_distribution["all"], kinds, *(one_kind(code_distribution, kind) for kind in common_kinds)]
+    return [draw(mixture) for mixture in mixtures], ["one Gaussian", "one per type", *common_kinds]
 
 
-def figures(samples_by_epoch, name, encode, decode_codes, codes, losses, catalogue, tag, args):
+def figures(samples_by_epoch, name, encode, decode_codes, codes, catalogue, tag, args):
     """What ae.py and vae.py both show of a trained model. `encode` takes photos to codes (N, latent),
-    `decode_codes` codes to images; `codes` are every product's, `losses` each test product's own."""
+    `decode_codes` codes to images; `codes` are every product's."""
     images, metadata, out = catalogue.images, catalogue.metadata, args.out
     if samples_by_epoch:  # only training can draw this one: --figures-only redraws it from the checkpoint
         show_rows([s for _, s in samples_by_epoch], [f"epoch {e}" for e, _ in samples_by_epoch],
@@ -44,7 +45,6 @@ def figures(samples_by_epoch, name, encode, decode_codes, codes, losses, catalog
     shown = shown_products(catalogue, 10)
     show_rows([images[shown], decode_codes(codes[shown])], ["original", name],
               "Test products and their reconstructions" + tag, out / "reconstructions.png")
-    plot_latent_map(codes, catalogue, f"Test codes of the {name} (PCA)", out / "latent_map.png")
     # "More like this": the encoder as a search engine, tested with the test products as queries.
     neighbours = evaluate_search(encode, codes, catalogue, args)
     search_figures(catalogue, neighbours, lambda batch: decode_codes(encode(batch)), name, tag, out)
@@ -75,11 +75,14 @@ def figures(samples_by_epoch, name, encode, decode_codes, codes, losses, catalog
         print(f"attribute edit, +1.5 x black on the {len(others)} test products of other colours: luminance "
               f"{light.mean():.2f} -> {dark.mean():.2f}, (G + B) / 2 - R {cast.mean():+.3f} -> {dark_cast.mean():+.3f}, "
               f"a shift of {(dark_cast - cast).mean():+.3f} (the black test products' photos: {casts[black].mean():+.3f})")
-    # Catalogue QA: the test products the model finds hardest, by their own loss.
-    order = catalogue.test_index[losses.argsort(descending=True)].tolist()
+    # Catalogue QA: the test products the model finds most unusual, as --query judges a photo.
+    test = images[catalogue.test_index]
+    variance = ((decode_codes(codes[catalogue.test_index]) - test.float() / 255) ** 2).mean().item()
+    scores = unusualness(test, lambda photos: decode_codes(encode(photos)), variance)
+    order = catalogue.test_index[scores.argsort(descending=True)].tolist()
     worst = torch.tensor(first_of_each_group(order, catalogue.groups, 8))  # one photo listed twice shows once
-    show_rows([images[worst], decode_codes(codes[worst])], ["photo", name],
-              f"Catalogue QA: the 8 test products with the highest {name} loss" + tag, out / "catalogue_qa.png")
+    show_rows([images[worst], decode_codes(codes[worst])], ["photo", name], f"Catalogue QA: the 8 test products "
+              f"the {name} finds most unusual for their complexity (unusualness)" + tag, out / "catalogue_qa.png")
 
 
 # ----------------------------------------------------------------------------- search by cosine similarity
@@ -183,12 +186,11 @@ def catalogue_codes(encode, catalogue, checkpoint, out):
     return codes
 
 
-def run_tools(encode, loss, catalogue, checkpoint, args):
-    """--query and --duplicates: both search the whole catalogue, with codes computed once and cached.
-    `loss` gives each photo's own loss, the model's measure of how unusual a photo is."""
+def run_tools(encode, decode_codes, catalogue, checkpoint, args):
+    """--query and --duplicates: both search the whole catalogue, with codes computed once and cached."""
     codes = catalogue_codes(encode, catalogue, checkpoint, args.out)
     if args.query is not None:
-        more_like_this(encode, loss, catalogue, codes, args)
+        more_like_this(encode, decode_codes, catalogue, codes, args)
     if args.duplicates is not None:
         find_duplicates(catalogue, codes, args)
 
@@ -198,28 +200,44 @@ def describe(metadata, row, *columns):
 
 
 def read_query(query, catalogue, image_size):
-    """A --query: a photo file, framed as the catalogue's photos are, or a catalogue ProductId."""
-    metadata = catalogue.metadata
-    if Path(query).is_file():
-        pixels = decode(Path(query), image_size)
-        if pixels is None:
-            raise SystemExit(f"error: --query {query}: not a readable image")
-        return torch.from_numpy(pixels.copy()).permute(2, 0, 1), Path(query).stem  # bytes, as the catalogue's
-    if (metadata["ProductId"] == query).any():
-        return catalogue.images[(metadata["ProductId"] == query).values.argmax()], query
-    raise SystemExit(f"error: --query {query}: no such file, and no product with this ProductId")
+    """A --query: a photo file, framed as the catalogue's photos are, or a catalogue ProductId. Returns
+    the photo (3, S, S) as bytes, its name, the share of its edge that is not white, and whether the
+    loader found a product in it at all; raises Unreadable for a file that cannot or must not be read."""
+    metadata, path = catalogue.metadata, Path(query)
+    if not path.is_file() and (metadata["ProductId"] == query).any():
+        row = int((metadata["ProductId"] == query).values.argmax())
+        path = catalogue.folder / metadata.at[row, "path"]  # for its edge; the synthetic catalogue has no files
+        return catalogue.images[row], query, edge_of(path) if path.is_file() else 0.0, True
+    if not path.exists():
+        raise Unreadable("no such file, and no product with this ProductId")
+    with opened_image(path, (2 * image_size, 2 * image_size)) as image:
+        image = to_rgb(image)
+        pixels = frame_product(image, image_size)
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1), path.stem, edge_ink(image), bool(product_box(image))
 
 
-def more_like_this(encode, loss, catalogue, codes, args):
+def edge_of(path):
+    with opened_image(path, (256, 256)) as image:
+        return edge_ink(to_rgb(image))
+
+
+def more_like_this(encode, decode_codes, catalogue, codes, args):
     """Print and draw the --top catalogue products most like each --query photo: distinct products
     (a photo listed under several ProductIds is one answer, its other listings named on its line),
-    never the query itself or a copy of it. A photo unlike the catalogue is said to be so."""
+    never the query itself or a copy of it. A photo unlike the catalogue is said to be so, and one
+    that cannot be read, or holds no product, is named and skipped."""
     images, metadata = catalogue.images, catalogue.metadata
-    queries = [read_query(query, catalogue, args.image_size) for query in args.query]  # all read before any answer
-    # An autoencoder knows what it was trained on: a photo it reconstructs worse than 99 % of the
-    # test photos is unlike the catalogue, and its nearest codes need not be similar products.
-    usual = loss(images[catalogue.test_index]).quantile(0.99).item()
-    for (query, name), asked in zip(queries, args.query):
+    queries = []
+    for asked in args.query:  # all read before any answer
+        try:
+            queries.append((asked, *read_query(asked, catalogue, args.image_size)))
+        except Unreadable as error:
+            print(f"error: --query {asked}: {error}; skipped")
+    variance, limit = unusual_limit(lambda photos: decode_codes(encode(photos)), images[catalogue.test_index])
+    for asked, query, name, edge, found in queries:
+        if not found:
+            print(f"note: --query {asked}: the loader finds no product in it (nothing darker than white); skipped")
+            continue
         # Catalogue photos near-identical to the query, and every photo of their groups, are left out.
         error = ((thumbnails(query[None]) - thumbnails(images)) ** 2).mean(1)  # (N,)
         copies = torch.isin(catalogue.groups, catalogue.groups[error < 10 ** (-NEAR_COPY_PSNR / 10)])
@@ -229,10 +247,11 @@ def more_like_this(encode, loss, catalogue, codes, args):
         best = first_of_each_group(order, catalogue.groups, args.top)
         print(f"products most like {asked} "
               f"({int(copies.sum())} catalogue photos left out: the photo itself or its copies):")
-        query_loss = loss(query[None]).item()
-        if query_loss > usual:
-            print(f"note: {asked} is unlike the catalogue: the model reconstructs it worse (loss {query_loss:.1f}) "
-                  f"than 99 % of the test photos ({usual:.1f}), so these are the nearest codes, not sure matches")
+        score = unusualness(query[None], lambda photos: decode_codes(encode(photos)), variance).item()
+        reasons = why_unusual(score, limit, edge)
+        if reasons:
+            print(f"note: {asked} is unlike the catalogue ({'; '.join(reasons)}): these are the nearest codes, "
+                  f"not sure matches")
         for rank, row in enumerate(best, 1):
             product_id, product_type, colour, title = describe(metadata, row, "ProductId", "ProductType", "Colour",
                                                                "ProductTitle")
@@ -243,6 +262,50 @@ def more_like_this(encode, loss, catalogue, codes, args):
                   f"{similarity[row]:.3f}{also}")
         show_rows([torch.cat([query[None], images[best]])], [name], f"More like {name}",
                   args.out / f"query_{name}.png", ["query"] + [f"{similarity[row]:.3f}" for row in best])
+        print(f"wrote {args.out / f'query_{name}.png'}")
+    if len(queries) < len(args.query):
+        raise SystemExit(f"error: --query: {len(args.query) - len(queries)} of {len(args.query)} could not be read "
+                         f"(named above)" + ("; the others were answered" if queries else ""))
+
+
+# ----------------------------------------------------------------------------- what is unlike the catalogue
+UNUSUAL = 0.98  # a photo more unusual than this share of the test photos is unlike the catalogue
+EDGE = 0.5  # a photo with more of its edge than this not white is not a product on white
+
+
+def complexity_bits(photos):
+    """Each photo's size as a PNG file, in bits (N,): how complex it is to a general lossless compressor."""
+    sizes = []
+    for photo in photos:
+        buffer = io.BytesIO()
+        Image.fromarray(photo.permute(1, 2, 0).contiguous().numpy()).save(buffer, "PNG")
+        sizes.append(8 * buffer.tell())
+    return torch.tensor(sizes, dtype=torch.float)
+
+
+def unusualness(photos, reconstruct, variance):
+    """How many more bits the model needs for each photo (N, 3, S, S, bytes) than a general compressor
+    does (Serrà et al. 2020, "Input complexity and out-of-distribution detection"): -log2 p(x) under a
+    decoder that is a Gaussian of `variance` around the reconstruction, less the photo's PNG size.
+    The error alone misses simple inputs: a logo on white comes back nearly perfect because it is
+    simple. Weighed against its own complexity, it does not. The terms the same for every photo of
+    one size (D/2 log2(2 pi variance), and 8 bits a value for the bins of 8-bit pixels) are left out."""
+    squared_error = ((reconstruct(photos) - photos.float() / 255) ** 2).flatten(1).sum(1)
+    return squared_error / (2 * variance * math.log(2)) - complexity_bits(photos)
+
+
+def unusual_limit(reconstruct, test_photos):
+    """What a photo is judged by: the decoder's variance, the test photos' mean squared error, and the
+    unusualness that UNUSUAL of the test photos stay below."""
+    variance = ((reconstruct(test_photos) - test_photos.float() / 255) ** 2).mean().item()
+    return variance, unusualness(test_photos, reconstruct, variance).quantile(UNUSUAL).item()
+
+
+def why_unusual(score, limit, edge):
+    """Why a photo is unlike the catalogue: a list of reasons, empty when it is like it."""
+    return ([f"{edge:.0%} of its edge is not white, where the catalogue's photos are products on white"]
+            if edge > EDGE else []) + ([f"the model needs more bits for it, beyond its own complexity, than for "
+                                        f"{UNUSUAL:.0%} of the test photos"] if score > limit else [])
 
 
 def identical_file_pairs(catalogue):
@@ -275,7 +338,8 @@ def find_duplicates(catalogue, codes, args):
                 writer.writerow([number, *describe(metadata, row, "ProductId", "ProductTitle"), f"{best[row]:.4f}"])
     members = [(groups == group).nonzero().flatten()[:8] for group in listed[:8]]
     print(f"{sum(int((groups == g).sum()) for g in listed)} products in {len(listed)} groups of "
-          f"near-identical codes (cosine >= {args.duplicates}); list in {args.out / 'duplicates.csv'}")
+          f"near-identical codes (cosine >= {args.duplicates})")
+    print(f"wrote {args.out / 'duplicates.csv'}")
     # A check with known answers: files that are byte for byte the same must be found as pairs.
     found, identical = {(i, j) for i, j in pairs if i < j}, identical_file_pairs(catalogue)
     print(f"{len(found)} pairs of products; of the catalogue's {len(identical)} pairs of byte-identical files, "
@@ -285,35 +349,31 @@ def find_duplicates(catalogue, codes, args):
                   enumerate(members, 1)]
         show_rows([catalogue.images[m] for m in members], labels,
                   "Duplicate listings: products whose codes are nearly identical", args.out / "duplicates.png")
+        print(f"wrote {args.out / 'duplicates.png'}")
 
 
 # ----------------------------------------------------------------------------- cleaning a shop's own photos
 def clean_photos(denoise, paths, out):
-    """dae.py --clean: each photo file through `denoise` at its own size, into OUT/<name>_clean.png;
-    a file that cannot be read is named, and the others are still cleaned."""
-    failed = []
+    """dae.py --clean: each photo file through `denoise` at its own size, into OUT/<name>_clean.png.
+    A file that cannot or must not be read is named on one line, and the others are still cleaned."""
+    failed = 0
     for path in map(Path, paths):
-        if not path.is_file():
-            print(f"error: --clean {path}: no such file")
-            failed.append(path)
-            continue
         try:
-            with Image.open(path) as opened:
+            with opened_image(path) as opened:
                 photo = torch.from_numpy(np.asarray(to_rgb(opened)).copy()).permute(2, 0, 1).float() / 255
-        except (OSError, SyntaxError, ValueError) as error:
-            print(f"error: --clean {path}: not a readable image ({error.__class__.__name__})")
-            failed.append(path)
+        except Unreadable as error:
+            print(f"error: --clean {path}: {error}; skipped")
+            failed += 1
             continue
         cleaned = denoise(photo)
         target = out / f"{path.stem}_clean.png"
         if target.resolve() == path.resolve():  # never write over the photo it came from
             target = out / f"{path.stem}_clean_again.png"
         Image.fromarray((cleaned.permute(1, 2, 0) * 255).round().byte().numpy()).save(target)
-        print(f"cleaned {path} ({photo.shape[2]}x{photo.shape[1]}) -> {target}")
+        print(f"wrote {target} ({path} cleaned at its own size, {photo.shape[2]}x{photo.shape[1]})")
     if failed:
-        raise SystemExit(f"error: {len(failed)} of {len(paths)} photos could not be read: "
-                         + ", ".join(map(str, failed)))
-
+        raise SystemExit(f"error: --clean: {failed} of {len(paths)} files could not be read (named above); "
+                         f"the others were cleaned")
 
 
 # ----------------------------------------------------------------------------- walking the code space

@@ -9,18 +9,26 @@ An autoencoder squeezes a photo through a small code and rebuilds it. A VAE make
     loss:             negative ELBO = reconstruction + beta * KL
         reconstruction = -log p(x|z) = sum over pixels of (x_hat - x)^2 / (2 sigma^2) + D/2 log(2 pi sigma^2)
         KL             = KL( q(z|x) || N(0, I) ), in closed form
+    new products:     z ~ N(0, I), decoded
 
 Writing z as mu plus scaled noise moves the randomness into eps, so gradients flow into mu and
 sigma. The KL term pulls every image's Gaussian towards the standard normal: codes of similar
 products overlap instead of sitting far apart, and the space between them decodes to plausible
-products. beta trades sharp reconstructions (small beta) for a smoother latent space (large beta).
+products. beta weighs that pull: a small beta lets the code say more about each photo, a large one
+makes its space smoother, and dimensions the decoder has no use for collapse to the prior.
 
-Two choices make products, not smudges. The decoder's variance sigma^2 is a hidden beta: the
-textbook sum of squared errors fixes it at 1/2, which weighs the KL ~100x too much on these photos;
-here it is set to its best value, the batch's mean squared error. Then -log p(x|z) is the log of a
-density: below zero when photos are predicted well, so the printed losses are negative (lower is
-still better). And new products are sampled where the codes are (fit_code_distribution), not from
-N(0, I), which the sharper model's codes no longer fill.
+The decoder's variance sigma^2 is a hidden beta: the textbook sum of squared errors fixes it at
+1/2, which weighs the KL ~100x too much on these photos. Here it is set to its best value, the
+batch's mean squared error (MSE): then the first term is D/2, and reconstruction = D/2 log(2 pi e
+MSE), the log of the error, below zero once MSE < 1/(2 pi e) = 0.059. So the printed losses are
+negative, and lower is still better. The KL rises for the first epochs, then settles: at first the
+decoder draws a blurred average and detail in the code buys little; as it learns to draw detail,
+and sigma^2 falls with its error, each nat the code spends buys more.
+
+Sampling, in the textbook's order (below): z ~ N(0, I) draws smudges here, because the codes do not
+fill N(0, I) (codes_vs_prior.png shows it). A Gaussian fitted to where the codes are draws products
+(Ghosh et al. 2019); one per product type, mixed, draws each type as often as the catalogue has it;
+and a type asked for is drawn set apart from the average product (one_kind), against the blur.
 
 Run:    python vae.py --epochs 50    (model.pt, metrics.csv, search.csv and the figures in out/vae/)
 Again:  python vae.py --figures-only --num-samples 16 --product-type Tshirts   (16 new T-shirts in samples/)
@@ -30,13 +38,15 @@ Tools:  python vae.py --query PHOTO_OR_PRODUCTID ...    python vae.py --duplicat
 import argparse
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from common import (REPO, add_run_flags, check_flags, chosen_mixture, end_epoch, epoch_row, load_catalogue, log_epoch,
-                    plot_curves, prepare_out, product_kinds, resume_training, save_images, show_rows, start_run,
+from common import (REPO, add_run_flags, average_colour, check_flags, chosen_mixture, divergence_limit,
+                    draw_code_space, end_epoch, epoch_row, load_catalogue, log_epoch, one_cycle, plot_curves,
+                    prepare_out, product_kinds, resume_training, save_images, show_rows, square_root, start_run,
                     stop_cleanly)
 import shop
 
@@ -62,6 +72,7 @@ ADAM_BETAS = (0.9, 0.99)  # a shorter memory of squared gradients than the usual
 WARMUP = 0.2  # the share of the steps over which the learning rate climbs to --lr
 SNAPSHOTS = (1, 2, 5, 10, 20)  # the epochs (and the last) after which samples_by_epoch.png draws samples
 LOGVAR_LIMIT = 8  # the encoder's log sigma^2 stays within (-8, 8): sigma from 0.02 to 55
+ACTIVE = 0.01  # a code dimension whose mean varies more than this across photos is active (active_units)
 RIDGE = 1e-3  # added to the fitted covariance of the codes, so that it can be inverted
 GUIDANCE = 1.0  # how much further from the average product one kind's new products are drawn (one_kind)
 SCRIPT = Path(__file__).name  # saved in the checkpoint, so that another script's model is refused
@@ -186,24 +197,25 @@ def train_model(model, train_images, train_kinds, test_images, history, samples_
     # One cycle, stepped after each batch: the learning rate climbs from lr/25 to --lr over the
     # first WARMUP of the steps, then falls to ~0 along a cosine, while Adam's momentum goes
     # 0.95 -> 0.85 -> 0.95. The climb lets the peak be twice what a plain cosine tolerates.
-    steps = math.ceil(len(train_images) / args.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, epochs=args.epochs, steps_per_epoch=steps,
-                                                   pct_start=WARMUP)
+    schedule = one_cycle(optimizer, args.lr, args.epochs * math.ceil(len(train_images) / args.batch_size), WARMUP)
     generator = torch.Generator().manual_seed(args.seed)
+    colour = average_colour(train_images)  # (3,)
     if args.resume:
         resume_training(state, optimizer, schedule, generator, args)
     else:  # The decoder starts out drawing the photos' average colour, not the sigmoid's grey 0.5: most
         # pixels are white background, which would take the first steps alone (clamped: white's logit is inf).
-        colour = sum(batch.float().sum((0, 2, 3)) for batch in train_images.split(1024)) / 255  # (3,)
         with torch.no_grad():
-            model.decoder[-2].bias.copy_(torch.logit(colour / train_images[:, 0].numel()).clamp(-5, 5))
+            model.decoder[-2].bias.copy_(torch.logit(colour).clamp(-5, 5))
+    nothing = torch.zeros(len(test_images), args.latent_dim)  # a code that says nothing: mu = 0, sigma = 1, KL = 0
+    limit = divergence_limit(lambda recon, images: vae_loss(recon, images, nothing[:len(images)], nothing[:len(images)],
+                                                            args.beta)["loss"], colour, test_images)
     started, first, code_distribution = time.time(), len(history) + 1, None
     with stop_cleanly(args):
         for epoch in range(first, args.epochs + 1):
             tick = time.time()
             train = run_epoch(model, train_images, args, optimizer, generator, schedule)
             test = run_epoch(model, test_images, args)
-            row = epoch_row(epoch, train, test, time.time() - tick, len(train_images), args)
+            row = epoch_row(epoch, train, test, time.time() - tick, len(train_images), args, limit)
             if epoch in SNAPSHOTS or epoch == args.epochs:  # training at work: where the codes are now
                 fitted = fit_code_distribution(encode_all(model, train_images, args), train_kinds)
                 samples_by_epoch.append((epoch, decode_samples(model, fitted["kinds"], 10, args.seed + 1, args)))
@@ -227,20 +239,24 @@ def encode_all(model, images, args):
 
 
 @torch.no_grad()
-def loss_per_image(model, images, args):
-    """Each photo's (uint8) loss on its own, so that products can be ranked: (N,). A photo unlike
-    the ones trained on comes back worst."""
-    model.eval()
-    losses = []
-    for batch in images.split(args.batch_size):
-        batch = batch.to(args.device, memory_format=torch.channels_last).float() / 255
-        recon, mu, logvar = model(batch)
-        losses += [vae_loss(recon[[i]].float(), batch[[i]], mu[[i]], logvar[[i]], args.beta)["loss"]
-                   for i in range(len(batch))]
-    return torch.stack(losses).cpu()
+def decode_all(model, z, args):
+    """Images (N, 3, S, S) in [0, 1] decoded from codes (N, latent), on the CPU."""
+    return model.eval().decode(z.to(args.device)).float().cpu()
 
 
 # ----------------------------------------------------------------------------- sampling
+def decode_prior(model, count, seed, args):
+    """`count` new products the textbook way: z ~ N(0, I), the prior the KL pulls codes towards, decoded."""
+    return decode_all(model, torch.randn(count, args.latent_dim, generator=torch.Generator().manual_seed(seed)), args)
+
+
+def active_units(codes, threshold=ACTIVE):
+    """How many of the code's numbers carry anything (Burda et al. 2016): a dimension is active when
+    its mean code mu varies across photos, Var_x(mu_u) > 0.01. The KL pulls every dimension to the
+    prior; one the decoder has no use for goes all the way, to mu = 0 for every photo."""
+    return int((codes.var(0, correction=0) > threshold).sum())
+
+
 def fit_gaussian(codes, ridge=RIDGE):
     """The mean and full covariance of a set of codes (N, latent); the ridge keeps it invertible."""
     covariance = torch.cov(codes.T) if len(codes) > 1 else torch.zeros(codes.shape[1], codes.shape[1])
@@ -248,15 +264,11 @@ def fit_gaussian(codes, ridge=RIDGE):
 
 
 def fit_code_distribution(codes, kinds):
-    """A Gaussian fitted to the training codes of each kind of product, and one fitted to them all.
-
-    Codes fill a small, tilted region of the space (in a VAE too: the KL pulls them towards N(0, I),
-    never all the way), so z ~ N(0, I) often lands where no product's code is; a Gaussian fitted to
-    where the codes are (Ghosh et al. 2019, "From Variational to Deterministic Autoencoders") draws
-    products. And the codes are a cluster per kind of product, not one blob: a mixture of one
-    Gaussian per kind, weighted by its share, fits them. A full covariance needs as many photos as
-    the code has numbers: a kind of n < latent photos keeps n / latent of its own and borrows the rest
-    from how codes spread around their own kind's mean, not from all codes (their spread is between kinds)."""
+    """A Gaussian fitted to all the training codes (Ghosh et al. 2019, "From Variational to Deterministic
+    Autoencoders"), and one to the codes of each kind of product: the codes are a cluster per kind,
+    not one blob, and a mixture of one Gaussian per kind, weighted by its share, fits them better. A
+    full covariance needs as many photos as the code has numbers: a kind of n < latent photos keeps
+    n / latent of its own and borrows the rest from how codes spread around their own kind's mean."""
     everything, per_kind = fit_gaussian(codes), {}
     groups = {kind: codes[[i for i, label in enumerate(kinds) if label == kind]] for kind in sorted(set(kinds))}
     spread = sum((m - m.mean(0)).T @ (m - m.mean(0)) for m in groups.values())  # (latent, latent)
@@ -288,46 +300,42 @@ def sample_codes(mixture, count, generator):
     z = torch.empty_like(eps)
     for index, name in enumerate(names):
         chosen = picks == index
-        z[chosen] = mixture[name]["mean"] + eps[chosen] @ torch.linalg.cholesky(mixture[name]["covariance"]).T
+        z[chosen] = mixture[name]["mean"] + eps[chosen] @ square_root(mixture[name]["covariance"]).T
     return z
 
 
-@torch.no_grad()
 def decode_samples(model, mixture, count, seed, args):
     """`count` new products: codes drawn from `mixture` with a seeded generator, decoded."""
-    z = sample_codes(mixture, count, torch.Generator().manual_seed(seed))
-    return model.eval().decode(z.to(args.device)).float().cpu()
+    return decode_all(model, sample_codes(mixture, count, torch.Generator().manual_seed(seed)), args)
 
 
 def write_samples(model, code_distribution, count, args):
     """`count` new products as PNG files in OUT/samples/: of --product-type, or of every type."""
     mixture = chosen_mixture(code_distribution, args.product_type, one_kind)  # {type: its Gaussian}
-    save_images(decode_samples(model, mixture, count, args.seed + 2, args), args.out / "samples")
+    save_images(decode_samples(model, mixture, count, args.seed + 2, args), args.out / "samples", args.product_type)
 
 
 # ============================================================================= the lesson ends here
 # What follows draws the figures, runs the shop's tools and keeps the run's books.
 @torch.no_grad()
 def make_figures(model, catalogue, history, code_distribution, samples_by_epoch, args):
+    """Every figure of a trained model. Returns its active units, counted on the test photos' codes."""
     tag = " [SYNTHETIC catalogue]" if catalogue.synthetic else ""  # so no one mistakes it for real results
 
-    def encode(batch):
-        return encode_all(model, batch, args)
-
-    def decode(z):
-        return model.eval().decode(z.to(args.device)).float().cpu()
-
-    # New product ideas: from the prior N(0, I), and from the Gaussians fitted to the codes.
+    encode, decode = partial(encode_all, model, args=args), partial(decode_all, model, args=args)
+    codes = encode(catalogue.images)  # (N, latent): every product's mean code mu
+    active = active_units(codes[catalogue.test_index])
     rows, labels = shop.sample_rows(lambda mixture: decode_samples(model, mixture, 10, args.seed, args),
                                     code_distribution, one_kind)
-    prior = torch.randn(10, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
-    show_rows([decode(prior), *rows], ["prior N(0, I)", *labels], "New products: codes drawn from the prior, the "
-              "types' mixture, and each type's Gaussian, set apart (one_kind)" + tag, args.out / "samples.png")
+    show_rows([decode_prior(model, 10, args.seed, args), *rows], ["prior N(0, I)", *labels], "New products, in the "
+              "textbook's order: codes from the prior, from a Gaussian fitted to the codes, from one per type, and "
+              "from four types' set apart (one_kind)" + tag, args.out / "samples.png")
     plot_curves(history, {"loss": "negative ELBO per image", "reconstruction": "reconstruction per image",
-                          "kl": "KL per image", "variance": "decoder variance sigma^2"}, args.out / "loss_curves.png",
-                log=("variance",))
-    losses = loss_per_image(model, catalogue.images[catalogue.test_index], args)
-    shop.figures(samples_by_epoch, "VAE", encode, decode, encode(catalogue.images), losses, catalogue, tag, args)
+                          "kl": "KL per image (rises as the decoder learns detail)",
+                          "variance": "decoder variance sigma^2"}, args.out / "loss_curves.png", log=("variance",))
+    draw_code_space("VAE", codes, decode, product_kinds(catalogue), catalogue, active, ACTIVE, True, tag, args.out)
+    shop.figures(samples_by_epoch, "VAE", encode, decode, codes, catalogue, tag, args)
+    return active
 
 
 def main(argv=None):
@@ -341,29 +349,30 @@ def main(argv=None):
     history = state["history"] if state else []
     code_distribution = state.get("code_distribution") if state else None
     samples_by_epoch = state["samples_by_epoch"] if state else []  # [(epoch, images)], kept in the checkpoint
-    if args.figures_only and args.num_samples:  # the checkpoint is all that sampling needs: no photos
-        write_samples(model, code_distribution, args.num_samples, args)
+    if args.figures_only and args.num_samples:  # the checkpoint is all that sampling needs: no photos, no figures
+        return write_samples(model, code_distribution, args.num_samples, args)
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
     kinds = product_kinds(catalogue)
     train_kinds = [kinds[i] for i in catalogue.train_index.tolist()]
     prepare_out(SCRIPT, args, catalogue, state, training=not (args.figures_only or tool))
     if tool:
-        return shop.run_tools(lambda batch: encode_all(model, batch, args),
-                              lambda batch: loss_per_image(model, batch, args), catalogue, checkpoint, args)
+        return shop.run_tools(partial(encode_all, model, args=args), partial(decode_all, model, args=args),
+                              catalogue, checkpoint, args)
 
     if not args.figures_only:
         code_distribution = train_model(model, train_images, train_kinds, test_images, history, samples_by_epoch,
                                         state, args)
     if code_distribution is None or "kinds" not in code_distribution:  # stopped early, or an older model.pt
         code_distribution = fit_code_distribution(encode_all(model, train_images, args), train_kinds)
-    make_figures(model, catalogue, history, code_distribution, samples_by_epoch, args)
-    if args.num_samples and not args.figures_only:
+    active = make_figures(model, catalogue, history, code_distribution, samples_by_epoch, args)
+    if args.num_samples:
         write_samples(model, code_distribution, args.num_samples, args)
     final = run_epoch(model, test_images, args)
     print(f"test (z = mu): negative ELBO {final['loss']:.1f} = reconstruction {final['reconstruction']:.1f} + "
-          f"{args.beta} x KL {final['kl']:.1f}, PSNR {final['psnr']:.2f} dB; figures in {args.out}/"
-          + (" (a SYNTHETIC catalogue: not real results)" if catalogue.synthetic else ""))
+          f"{args.beta} x KL {final['kl']:.1f}, PSNR {final['psnr']:.2f} dB, {active} of {args.latent_dim} code "
+          f"dimensions active; figures in {args.out}/" + (" (a SYNTHETIC catalogue: not real results)" if
+                                                           catalogue.synthetic else ""))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """compare.py: the three models and two baselines on the same axes, and the measures it uses."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -47,6 +48,9 @@ def test_every_model_and_baseline_gets_every_column(three_models, tmp_path, caps
     assert table.count("\n| ") == 5  # a row for each model and baseline, under the header
     printed = capsys.readouterr().out
     assert all(line in printed for line in table.splitlines())  # the table printed is the table written
+    named = [line.split()[1] for line in printed.splitlines() if line.startswith("wrote ")]
+    assert {Path(path).name for path in named} == {"classifier.pt", "table.md", "summary.json", "same_products.png"}
+    assert all(Path(path).is_file() for path in named)
     assert (tmp_path / "compare" / "same_products.png").is_file()
     # A second run, with the classifier cached, prints the same table to the digit.
     compare.main([*three_models, "--out", str(tmp_path / "compare"), "--samples", "60", "--classifier-epochs", "1",
@@ -55,8 +59,9 @@ def test_every_model_and_baseline_gets_every_column(three_models, tmp_path, caps
 
 
 def test_a_missing_model_is_a_one_line_error_naming_it(tmp_path):
-    with pytest.raises(SystemExit, match="--ae .*nowhere.pt: no such file .*python ae.py"):
-        compare.main(["--ae", str(tmp_path / "nowhere.pt")])
+    with pytest.raises(SystemExit, match=f"--ae {tmp_path / 'none' / 'model.pt'}: no model.pt there \\(train first: "
+                                         f"python ae.py --out {tmp_path / 'none'}\\)"):
+        compare.main(["--ae", str(tmp_path / "none" / "model.pt")])
 
 
 def test_the_classifier_distance_is_zero_for_a_set_against_itself_and_grows_with_blur(tmp_path, monkeypatch):

@@ -161,7 +161,7 @@ def test_clean_denoises_photos_of_any_size_and_reports_the_ones_it_cannot_read(s
     Image.fromarray((noisy.permute(1, 2, 0) * 255).round().byte().numpy()).save(photo)
     before = photo.read_bytes()
     (tmp_path / "broken.jpg").write_bytes(b"not a photo")
-    with pytest.raises(SystemExit, match="2 of 3 photos could not be read: .*broken.jpg, .*gone.png"):
+    with pytest.raises(SystemExit, match=r"^error: --clean: 2 of 3 files could not be read \(named above\)"):
         dae.main([*smoke_flags, "--clean", str(tmp_path / "broken.jpg"), str(photo), str(tmp_path / "gone.png")])
     printed = capsys.readouterr().out
     assert "broken.jpg: not a readable image" in printed and "gone.png: no such file" in printed
@@ -169,3 +169,61 @@ def test_clean_denoises_photos_of_any_size_and_reports_the_ones_it_cannot_read(s
     cleaned = cleaned.permute(2, 0, 1).float() / 255
     assert cleaned.shape == (3, 150, 110) and photo.read_bytes() == before  # its own size; the input untouched
     assert dae.psnr(cleaned[None], clean[None]) > dae.psnr(noisy[None], clean[None]) + 1
+
+
+def test_training_draws_each_images_noise_strength_and_the_test_uses_the_flag(monkeypatch):
+    strengths = []
+
+    def recorded(images, kind, strength, generator=None):
+        strengths.append(torch.as_tensor(strength, dtype=torch.float32).expand(len(images)).clone())
+        return images
+
+    monkeypatch.setattr(dae, "add_noise", recorded)
+    photos = torch.randint(0, 256, (400, 3, 8, 8), dtype=torch.uint8)
+    model = torch.nn.Conv2d(3, 3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    args = epoch_args(noise="gaussian", noise_strength=0.3)
+    dae.run_epoch(model, photos, args, optimizer, torch.Generator().manual_seed(0))
+    trained = torch.cat(strengths)  # one strength per image, uniform on [0, 2 x 0.3]: "blind" denoising
+    assert len(trained) == 400 and len(trained.unique()) == 400
+    assert 0 <= trained.min() < 0.03 and 0.57 < trained.max() <= 0.6 and abs(trained.mean() - 0.3) < 0.03
+    strengths.clear()
+    dae.run_epoch(model, photos, args)
+    assert torch.equal(torch.cat(strengths), torch.full((400,), 0.3))  # the test: --noise-strength itself
+
+
+def test_occlusion_over_more_than_the_whole_photo_covers_it_and_ends():
+    covered = dae.add_noise(torch.ones(2, 3, 32, 32), "occlusion", torch.tensor([1.0, 1.8]),
+                            torch.Generator().manual_seed(0))  # training draws up to twice --noise-strength
+    assert (covered.flatten(1).std(1) == 0).all() and (covered < 1).all()  # each photo one flat grey
+
+
+def decompression_bomb(path, side=20_000):
+    """A real PNG of side x side black-and-white pixels, all zeros: ~50 KB that unpack to 400 million pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(bytes(side * (1 + side // 8)), 9)  # each row: a filter byte, then side bits
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1 bit per pixel, greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return path
+
+
+def test_clean_names_a_decompression_bomb_in_one_line_and_cleans_the_photos_around_it(smoke_flags, tmp_path, capsys):
+    from PIL import Image
+
+    dae.main([*smoke_flags, "--epochs", "1"])
+    photos = [tmp_path / "a.png", decompression_bomb(tmp_path / "bomb.png"), tmp_path / "b.png"]
+    assert photos[1].stat().st_size < 100_000
+    for photo in photos[::2]:
+        Image.new("RGB", (40, 36), (200, 30, 30)).save(photo)
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match=r"^error: --clean: 1 of 3 files could not be read \(named above\)"):
+        dae.main([*smoke_flags, "--clean", *map(str, photos)])
+    printed = capsys.readouterr().out.splitlines()
+    assert (tmp_path / "out" / "a_clean.png").is_file() and (tmp_path / "out" / "b_clean.png").is_file()
+    named = [line for line in printed[1:] if "bomb.png" in line]  # after the line that reruns the command
+    assert len(named) == 1 and "decompression bomb" in named[0] and named[0].startswith("error: --clean")

@@ -2,6 +2,11 @@
 
 import csv
 import json
+import math
+import re
+import shlex
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,9 +123,9 @@ def test_the_defaults_mean_the_repos_own_folders_wherever_the_script_starts(tmp_
 def test_the_first_line_is_a_command_that_reruns_the_run(synthetic, tmp_path, capsys):
     dae.main([*synthetic, "--epochs", "1", "--out", str(tmp_path / "run"), "--bf16"][:-1])
     first = capsys.readouterr().out.splitlines()[0]
-    assert first == (f"dae.py --epochs 1 --latent-dim 8 --image-size 32 --out {tmp_path / 'run'} "
+    assert first == (f"python dae.py --epochs 1 --latent-dim 8 --image-size 32 --out {tmp_path / 'run'} "
                      f"--device cpu --data {common.DEFAULT_DATA}")  # --batch-size 64 is the default
-    assert dae.parse_args(first.split()[1:]).epochs == 1  # it parses back
+    assert dae.parse_args(first.split()[2:]).epochs == 1  # it parses back
 
 
 def test_the_first_line_reruns_a_run_with_several_photos_and_spaces_in_names(smoke_flags, tmp_path, capsys):
@@ -133,7 +138,7 @@ def test_the_first_line_reruns_a_run_with_several_photos_and_spaces_in_names(smo
     capsys.readouterr()
     dae.main([*smoke_flags, "--clean", *map(str, photos)])
     first = capsys.readouterr().out.splitlines()[0]
-    assert "[" not in first and dae.parse_args(shlex.split(first)[1:]).clean == list(map(str, photos))
+    assert "[" not in first and dae.parse_args(shlex.split(first)[2:]).clean == list(map(str, photos))
 
 
 def test_a_synthetic_run_says_so_at_the_end_and_the_model_remembers_it(synthetic, tmp_path, capsys):
@@ -185,3 +190,95 @@ def test_the_decoder_starts_out_drawing_the_training_photos_average_colour(scrip
     catalogue = common.load_catalogue(tiny_catalogue, 32)
     colour = catalogue.images[catalogue.train_index].float().mean((0, 2, 3)) / 255  # (3,), mostly white
     assert last.endswith(".bias") and torch.allclose(torch.sigmoid(weights[last]), colour, atol=1e-4)
+
+
+@pytest.mark.parametrize("steps", range(1, 41))
+def test_the_one_cycle_schedule_takes_any_number_of_steps(steps):
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([parameter], lr=1.0)
+    schedule = common.one_cycle(optimizer, 1.0, steps, 0.2)  # 5 steps: a climb of one step, 0/0 in PyTorch's
+    rates = []  # the rate each step is taken at
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert all(0 <= rate <= 1 for rate in rates) and rates[-1] < 1e-3  # the last step is annealed
+    if steps >= 5:
+        assert max(rates) > 0.9  # and the peak is reached on the way
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda module: module.__name__)
+def test_a_run_of_five_steps_in_all_trains(script, smoke_flags, tmp_path):
+    # The tiny catalogue has 22 training products: batches of 5 make 5 steps in one epoch.
+    flags = [*smoke_flags[:-4], "--device", "cpu", "--batch-size", "5", "--epochs", "1"]
+    script.main(flags)
+    assert len(metrics(tmp_path / "out" / "metrics.csv")) == 1
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda module: module.__name__)
+def test_a_run_that_diverges_stops_with_one_line_and_keeps_the_last_good_epoch(script, smoke_flags, tmp_path,
+                                                                               monkeypatch):
+    out = tmp_path / "out"
+    script.main([*smoke_flags, "--epochs", "1"])
+    good = (out / "model.pt").read_bytes()
+    with pytest.raises(SystemExit) as stop:  # --lr 10: Adam moves every weight by ~10 a step
+        script.main([*smoke_flags, "--epochs", "2", "--lr", "10", "--overwrite"])
+    message = str(stop.value.code)
+    assert "\n" not in message and re.match(r"error: training diverged in epoch 1 \(.*\); try a smaller --lr than "
+                                            r"10\. no epoch finished, so no model was saved", message), message
+    assert (out / "model.pt").read_bytes() == good  # the model that was there is not lost
+    # Diverging in epoch 2 keeps epoch 1: a limit that the first epoch meets and the second does not.
+    epoch_row = common.epoch_row
+
+    def judged(epoch, train, test, seconds, count, args, limit):
+        return epoch_row(epoch, train, test, seconds, count, args, -math.inf if epoch == 2 else math.inf)
+
+    monkeypatch.setattr(script, "epoch_row", judged)
+    with pytest.raises(SystemExit, match=f"diverged in epoch 2 .* {out / 'model.pt'} still holds the model of "
+                                         f"epoch 1"):
+        script.main([*smoke_flags, "--epochs", "2", "--overwrite"])
+    assert torch.load(out / "model.pt", weights_only=True)["history"][-1]["epoch"] == 1
+
+
+def test_the_divergence_limit_is_a_flat_picture_of_the_average_colour_with_twice_its_error():
+    photos = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
+    colour = torch.tensor([0.2, 0.5, 0.9])
+    images = photos.float() / 255
+    flat_error = ((colour.view(1, 3, 1, 1) - images) ** 2).flatten(1).sum(1).mean()
+
+    def summed_squares(recon, images):
+        return ((recon - images) ** 2).flatten(1).sum(1).mean()
+
+    limit = common.divergence_limit(summed_squares, colour, photos, block=2)  # blocks of 2, 2 and 1
+    assert limit == pytest.approx(2 * flat_error.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda module: module.__name__)
+def test_a_tool_on_an_out_without_a_model_says_how_to_train_one_there(script, tmp_path):
+    tool = ["--clean", "a.png"] if script is dae else ["--query", "a.png"]
+    out = tmp_path / "no model here"
+    with pytest.raises(SystemExit) as stop:
+        script.main([*tool, "--out", str(out)])
+    command = str(stop.value.code).split("train first: ")[1].rstrip(")")
+    assert str(stop.value.code).startswith(f"error: --out {out}: no model.pt there")
+    assert shlex.split(command) == ["python", f"{script.__name__}.py", "--out", str(out)]  # runnable as printed
+
+
+def written(printed):
+    """The paths a run says it wrote, one "wrote PATH (what it is)" line each."""
+    return [re.match(r"wrote (.+?)(?: \(.*\))?$", line).group(1) for line in printed.splitlines()
+            if line.startswith("wrote ")]
+
+
+def test_every_tool_names_each_file_it_writes_once_and_the_paths_exist(smoke_flags, tiny_catalogue, tmp_path,
+                                                                         capsys):
+    photo = next(tiny_catalogue.rglob("101.jpg"))
+    ae.main([*smoke_flags, "--epochs", "1"])
+    dae.main([*smoke_flags[:2], "--out", str(tmp_path / "dae"), *smoke_flags[4:], "--epochs", "1"])
+    capsys.readouterr()
+    for run in ([ae, "--query", str(photo), "102"], [ae, "--duplicates", "0.5"],
+                [ae, "--figures-only", "--num-samples", "2"], [dae, "--clean", str(photo), "--out", str(tmp_path / "dae")]):
+        run[0].main([*smoke_flags, *run[1:]])
+        paths = written(capsys.readouterr().out)
+        assert paths and len(paths) == len(set(paths)), run
+        assert all(Path(path).exists() for path in paths), paths
