@@ -12,8 +12,10 @@ products have in common (a shoe's outline, a shirt's collar, a colour) and keep 
 one from another. That is what makes the code useful for search: similar products get similar
 codes. But 128 numbers are a description, not a copy: "a white sneaker with a red sole, facing
 left", never where each stitch is, so a reconstruction is as sharp as its description. And the
-model knows what it was trained on: a photo unlike the catalogue (a face, a logo) comes back far
-worse than the catalogue's own, so its reconstruction error flags it. The codes of real photos
+model knows roughly what it was trained on: `--query` says when a photo is unlike the catalogue,
+by the model's error on it weighed against the photo's own complexity (a logo is simple, so it
+comes back well), or by a code far from every product's (tools/non_products.py measures how often
+it is right). The codes of real photos
 fill a small, irregular part of the space, and an AE has no prior to draw new codes from. Points
 drawn evenly from the box its codes span mostly land in holes, where no photo's code is, and decode
 to smudges (code_plane.png shows the holes). A Gaussian fitted to where the codes are draws products

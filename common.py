@@ -858,13 +858,13 @@ def plot_code_plane(plane, decoded, kinds, shown, title, path):
     left.set(xlabel=names[0], ylabel=names[1] if dims == 2 else "", title="the test products' codes")
     if dims == 1:
         left.set_yticks(range(-1, len(commonest) + 1), ["the grid", *commonest, "other types"], fontsize=7)
-    left.legend(fontsize=7)
+    left.legend(fontsize=7, framealpha=0.6)
     picture = image_grid(decoded, steps)
     right.imshow(picture.permute(1, 2, 0).numpy())
     size = decoded.shape[-1]
     centres = [i * (size + 2) + size / 2 for i in range(steps)]
-    right.set_xticks(centres, [f"{tick:.2g}" for tick in ticks[0]], fontsize=7)
-    right.set_yticks(centres[:len(decoded) // steps], [f"{tick:.2g}" for tick in ticks[-1].flip(0)] if dims == 2
+    right.set_xticks(centres, [f"{tick:.3g}" for tick in ticks[0]], fontsize=7)
+    right.set_yticks(centres[:len(decoded) // steps], [f"{tick:.3g}" for tick in ticks[-1].flip(0)] if dims == 2
                      else [""], fontsize=7)
     right.set(xlabel=names[0], ylabel=names[1] if dims == 2 else "", title="the grid's codes, decoded")
     figure.suptitle(title, fontsize=10)
@@ -898,15 +898,19 @@ def plot_codes_against_prior(codes, active, threshold, title, path, shown=7):
         axis.legend(fontsize=7)
     for axis in axes.flat[len(picked):-1]:
         axis.axis("off")
+    # The last panel: each dimension's variance (active above the threshold), and the variance along
+    # each main direction: N(0, I) has 1 in every direction, correlated codes do not.
     axis = axes.flat[-1]
-    shown = variances[order].clamp_min(threshold / 100)
-    axis.semilogy(range(1, len(order) + 1), shown.numpy(), marker=".")
-    axis.axhline(threshold, color="red", linestyle="--", label=f"{threshold}: active above")
-    axis.set_ylim(threshold / 200, max(shown.max().item(), threshold) * 2)
-    axis.set(title=f"variance of each dimension, sorted: {active} active", xlabel="dimensions, most varied first",
-             ylabel="variance across photos")
+    along = torch.linalg.eigvalsh(torch.cov(codes.T.double(), correction=0).reshape(codes.shape[1], -1)).flip(0).float()
+    for values, label in ((variances[order], "each dimension"), (along, "each main direction")):
+        axis.semilogy(range(1, len(values) + 1), values.clamp_min(threshold / 100).numpy(), marker=".", label=label)
+    axis.axhline(1, color="black", label="N(0, I): 1 in every one")
+    axis.axhline(threshold, color="red", linestyle="--", label=f"{threshold}: a dimension above is active")
+    axis.set_ylim(threshold / 200, max(along.max().item(), variances.max().item(), 1) * 2)
+    axis.set(title=f"variances, sorted: {active} dimensions active", xlabel="dimensions / directions, most varied "
+             "first", ylabel="variance across photos")
     axis.title.set_fontsize(9)
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=6)
     figure.suptitle(title, fontsize=10)
     figure.subplots_adjust(left=0.05, right=0.98, bottom=0.09, top=0.87, hspace=0.45, wspace=0.3)
     figure.savefig(path, dpi=100)

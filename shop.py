@@ -233,7 +233,11 @@ def more_like_this(encode, decode_codes, catalogue, codes, args):
             queries.append((asked, *read_query(asked, catalogue, args.image_size)))
         except Unreadable as error:
             print(f"error: --query {asked}: {error}; skipped")
-    variance, limit = unusual_limit(lambda photos: decode_codes(encode(photos)), images[catalogue.test_index])
+    def reconstruct(photos):
+        return decode_codes(encode(photos))
+
+    limits = unusual_limits(reconstruct, images[catalogue.test_index], codes[catalogue.test_index],
+                            codes[catalogue.train_index])
     for asked, query, name, edge, found in queries:
         if not found:
             print(f"note: --query {asked}: the loader finds no product in it (nothing darker than white); skipped")
@@ -241,14 +245,15 @@ def more_like_this(encode, decode_codes, catalogue, codes, args):
         # Catalogue photos near-identical to the query, and every photo of their groups, are left out.
         error = ((thumbnails(query[None]) - thumbnails(images)) ** 2).mean(1)  # (N,)
         copies = torch.isin(catalogue.groups, catalogue.groups[error < 10 ** (-NEAR_COPY_PSNR / 10)])
-        similarity = cosine_similarity(encode(query[None]), codes)[0]
+        code = encode(query[None])
+        similarity = cosine_similarity(code, codes)[0]
         similarity[copies] = -math.inf
         order = similarity.argsort(descending=True)[:int((~copies).sum())].tolist()
         best = first_of_each_group(order, catalogue.groups, args.top)
         print(f"products most like {asked} "
               f"({int(copies.sum())} catalogue photos left out: the photo itself or its copies):")
-        score = unusualness(query[None], lambda photos: decode_codes(encode(photos)), variance).item()
-        reasons = why_unusual(score, limit, edge)
+        reasons = why_unusual(unusualness(query[None], reconstruct, limits["variance"]).item(),
+                              nearest_distance(code, codes[~copies]).item(), edge, limits)
         if reasons:
             print(f"note: {asked} is unlike the catalogue ({'; '.join(reasons)}): these are the nearest codes, "
                   f"not sure matches")
@@ -269,7 +274,7 @@ def more_like_this(encode, decode_codes, catalogue, codes, args):
 
 
 # ----------------------------------------------------------------------------- what is unlike the catalogue
-UNUSUAL = 0.98  # a photo more unusual than this share of the test photos is unlike the catalogue
+UNUSUAL = 0.99  # past this share of the test photos on either measure, a photo is unlike the catalogue
 EDGE = 0.5  # a photo with more of its edge than this not white is not a product on white
 
 
@@ -294,18 +299,27 @@ def unusualness(photos, reconstruct, variance):
     return squared_error / (2 * variance * math.log(2)) - complexity_bits(photos)
 
 
-def unusual_limit(reconstruct, test_photos):
-    """What a photo is judged by: the decoder's variance, the test photos' mean squared error, and the
-    unusualness that UNUSUAL of the test photos stay below."""
+def nearest_distance(codes, catalogue_codes):
+    """Each code's distance to the nearest of `catalogue_codes` (N,): does it lie where theirs lie?"""
+    return torch.cat([torch.cdist(part, catalogue_codes).min(1).values for part in codes.split(256)])
+
+
+def unusual_limits(reconstruct, test_photos, test_codes, train_codes):
+    """What a photo is judged against, set on the test photos: the decoder's variance (their mean squared
+    error), and the UNUSUAL quantile of their unusualness and of their codes' nearest_distance."""
     variance = ((reconstruct(test_photos) - test_photos.float() / 255) ** 2).mean().item()
-    return variance, unusualness(test_photos, reconstruct, variance).quantile(UNUSUAL).item()
+    return {"variance": variance, "bits": unusualness(test_photos, reconstruct, variance).quantile(UNUSUAL).item(),
+            "distance": nearest_distance(test_codes, train_codes).quantile(UNUSUAL).item()}
 
 
-def why_unusual(score, limit, edge):
+def why_unusual(bits, distance, edge, limits):
     """Why a photo is unlike the catalogue: a list of reasons, empty when it is like it."""
-    return ([f"{edge:.0%} of its edge is not white, where the catalogue's photos are products on white"]
-            if edge > EDGE else []) + ([f"the model needs more bits for it, beyond its own complexity, than for "
-                                        f"{UNUSUAL:.0%} of the test photos"] if score > limit else [])
+    share = f"{UNUSUAL:.0%} of the test photos"
+    return [reason for reason, holds in [
+        (f"{edge:.0%} of its edge is not white, where the catalogue's photos are products on white", edge > EDGE),
+        (f"the model needs more bits for it, beyond its own complexity, than for {share}", bits > limits["bits"]),
+        (f"its code lies farther from the catalogue's codes than those of {share}", distance > limits["distance"])]
+        if holds]
 
 
 def identical_file_pairs(catalogue):

@@ -25,10 +25,12 @@ negative, and lower is still better. The KL rises for the first epochs, then set
 decoder draws a blurred average and detail in the code buys little; as it learns to draw detail,
 and sigma^2 falls with its error, each nat the code spends buys more.
 
-Sampling, in the textbook's order (below): z ~ N(0, I) draws smudges here, because the codes do not
-fill N(0, I) (codes_vs_prior.png shows it). A Gaussian fitted to where the codes are draws products
-(Ghosh et al. 2019); one per product type, mixed, draws each type as often as the catalogue has it;
-and a type asked for is drawn set apart from the average product (one_kind), against the blur.
+Sampling, in the textbook's order (below): z ~ N(0, I) draws smudges here. Each of the code's numbers
+alone is close to N(0, 1), but they are correlated: along their main directions the codes spread
+from ten times the prior's variance down to a hundredth of it (codes_vs_prior.png), so most draws
+land where no photo's code is. A Gaussian fitted to where the codes are draws products (Ghosh et al.
+2019); one per product type, mixed, draws each type as often as the catalogue has it; and a type
+asked for is drawn set apart from the average product (one_kind), against the decoder's blur.
 
 Run:    python vae.py --epochs 50    (model.pt, metrics.csv, search.csv and the figures in out/vae/)
 Again:  python vae.py --figures-only --num-samples 16 --product-type Tshirts   (16 new T-shirts in samples/)
@@ -142,10 +144,8 @@ def vae_loss(recon, images, mu, logvar, beta=1.0):
     the same scale and beta means what it says; then each is averaged over the batch.
     """
     # The decoder says how likely the photo is: p(x|z) = N(x; x_hat, sigma^2) for each of its D pixel
-    # values. The plain sum of squared errors is this with sigma^2 = 1/2, while real errors are ~100x
-    # smaller: it weighs the KL ~100x too much. We use the sigma^2 that makes the photos most likely,
-    # the batch's mean squared error (Rybkin et al. 2021, "Simple and Effective VAE Training with
-    # Calibrated Decoders"), a constant for the gradient step.
+    # values, with the sigma^2 that makes the photos most likely, the batch's mean squared error (Rybkin
+    # et al. 2021, "Simple and Effective VAE Training with Calibrated Decoders"), a constant for the step.
     # reconstruction = -log p(x|z) = sum_pixels (x - x_hat)^2 / (2 sigma^2) + D/2 * log(2 pi sigma^2)
     squared_error = ((recon - images) ** 2).flatten(1).sum(dim=1)  # (B,)
     pixels = images[0].numel()  # D

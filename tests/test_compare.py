@@ -127,3 +127,15 @@ def test_recognised_reconstructions_are_those_of_the_test_photos_of_that_type(tm
                                                                                                samples=20))
     assert row["recognised_Tshirts_reconstructed"] == 1.0  # each test T-shirt, given back as it is
     assert row["recognised_Tshirts"] == 0.0  # the samples (blank here) are no test photo
+
+
+def test_codes_of_one_and_two_numbers_are_compared_too(smoke_flags, tmp_path):
+    for script, latent in ((ae, "1"), (vae, "2"), (dae, "1")):
+        script.main([*smoke_flags[:2], "--out", str(tmp_path / script.__name__), *smoke_flags[4:6], "--latent-dim",
+                     latent, "--device", "cpu", "--epochs", "1"])
+    compare.main([f"--{name}={tmp_path / name / 'model.pt'}" for name in ("ae", "dae", "vae")] +
+                 ["--data", smoke_flags[1], "--out", str(tmp_path / "compare"), "--samples", "20",
+                  "--classifier-epochs", "1", "--device", "cpu"])
+    rows = {row["model"]: row for row in json.loads((tmp_path / "compare" / "summary.json").read_text())["rows"]}
+    assert rows["ae.py"]["code_size"] == 1 and rows["vae.py"]["code_size"] == 2
+    assert rows["PCA, 1 components"]["psnr_clean"] > 0 and rows["vae.py"]["classifier_fd_prior"] >= 0

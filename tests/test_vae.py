@@ -2,6 +2,7 @@
 
 import math
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 from torch.distributions import Normal, kl_divergence
 
 import ae
+import common
 import vae
 from conftest import Constant, epoch_args, losses_over_steps, per_image_mean
 
@@ -265,3 +267,59 @@ def test_sampling_never_fails_on_a_covariance_that_rounding_left_not_positive_de
     assert torch.isfinite(z).all()
     spread = torch.cov(z.T.double())
     assert torch.allclose(spread, gaussian["covariance"].double(), rtol=0.05, atol=0.05 * spread.abs().max().item())
+
+
+@pytest.mark.parametrize("script", [ae, vae])
+def test_active_units_counts_the_dimensions_whose_codes_vary_across_photos(script):
+    generator = torch.Generator().manual_seed(0)
+    spread = torch.tensor([3.0, 1.0, 0.2, 0.05, 0.02, 0.0])  # variances 9, 1, 0.04: active; 0.0025, 0.0004, 0: not
+    codes = torch.randn(20000, 6, generator=generator) * spread + torch.arange(6.0)  # a mean of its own does not count
+    assert script.active_units(codes) == 3
+    assert script.active_units(codes[:1]) == 0  # one photo varies in nothing
+
+
+def test_prior_sampling_decodes_z_drawn_from_the_standard_normal():
+    class Passes(torch.nn.Module):  # "decodes" a code to itself, so what is drawn can be read back
+        def decode(self, z):
+            return z
+
+    args = SimpleNamespace(latent_dim=3, device=torch.device("cpu"))
+    z = vae.decode_prior(Passes(), 20000, 5, args)
+    assert torch.equal(z, torch.randn(20000, 3, generator=torch.Generator().manual_seed(5)))  # seeded, from N(0, I)
+    assert torch.allclose(z.mean(0), torch.zeros(3), atol=0.03) and torch.allclose(z.var(0), torch.ones(3), atol=0.04)
+
+
+def test_the_vae_grid_stands_at_standard_normal_quantiles_and_the_ae_grid_spans_the_box_of_its_codes():
+    codes = torch.randn(500, 2, generator=torch.Generator().manual_seed(0)) * torch.tensor([3.0, 0.5]) + 1
+    quantiles = torch.distributions.Normal(0, 1).icdf(torch.linspace(0.05, 0.95, 8))
+    plane = common.code_plane(codes, prior=True)
+    assert plane["grid"].shape == (64, 2)
+    assert {tuple(point) for point in plane["grid"].tolist()} == {(x, y) for x in quantiles.tolist()
+                                                                 for y in quantiles.tolist()}
+    assert plane["grid"][0].tolist() == [quantiles[0].item(), quantiles[-1].item()]  # read as a plot: top left first
+    box = common.code_plane(codes, prior=False)["grid"]
+    assert torch.allclose(box.min(0).values, codes.min(0).values) and torch.allclose(box.max(0).values,
+                                                                                     codes.max(0).values)
+
+
+def test_a_longer_code_is_drawn_on_its_two_main_directions():
+    generator = torch.Generator().manual_seed(0)
+    directions = torch.linalg.qr(torch.randn(6, 6, generator=generator))[0].T  # 6 orthonormal rows
+    codes = (torch.randn(2000, 6, generator=generator) * torch.tensor([5.0, 2, 0.3, 0.2, 0.1, 0.1])) @ directions
+    plane = common.code_plane(codes, prior=True)
+    assert torch.allclose(plane["axes"].abs(), directions[:2].abs(), atol=0.02)  # up to their sign
+    assert plane["names"][0].startswith("main direction 1 (8")  # 25 of 29.15: 86 % of the variance
+
+
+def test_a_traversal_moves_the_mean_code_along_its_own_direction_only():
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randn(3000, 4, generator=generator) * torch.tensor([4.0, 2, 1, 0.5]) + torch.tensor([1.0, 2, 3, 4])
+    moved, shares = common.traversal_codes(codes, rows=3, steps=5)
+    assert moved.shape == (3, 5, 4) and torch.all(shares[:-1] >= shares[1:])
+    directions = common.main_directions(codes)[0]
+    for row in range(3):
+        offsets = moved[row] - codes.mean(0)  # (steps, latent)
+        along = offsets @ directions[row]
+        assert torch.allclose(offsets, along[:, None] * directions[row], atol=1e-4)  # nothing off its direction
+        spread = ((codes - codes.mean(0)) @ directions[row]).std()
+        assert torch.allclose(along, torch.linspace(-2, 2, 5) * spread, atol=1e-3)  # -2 to +2 standard deviations

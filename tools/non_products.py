@@ -1,6 +1,6 @@
 """Images that are not product photos, and how many of them `--query` says are unlike the catalogue.
 
-Builds 36 images from what the six packages hold offline: rendered ones (a blank page, flat colours,
+Builds 40 images from what the six packages hold offline: rendered ones (a blank page, flat colours,
 gradients, noise, text, logos, patterns, shapes, a chart, a drawn landscape and flower) and the
 sample photos matplotlib ships (a portrait, a wrapped present, a logo, terrain, a scan), cropped,
 turned and recoloured. Then, for each trained model given, it scores them as `--query` does and
@@ -20,10 +20,14 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+import torch
 from matplotlib import cbook
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402  (the repo's modules, found from tools/)
+import compare  # noqa: E402
+import shop  # noqa: E402
 
 
 def font(size):
@@ -134,6 +138,12 @@ def sample_photos():
         return Image.fromarray((255 * matplotlib.colormaps[colormap](scaled)[..., :3]).astype(np.uint8))
 
     relief = np.gradient(terrain.astype(float))[0]
+
+    def on_a_page(image):  # a photo printed on a white page: its edge is white, as a product photo's is
+        page = Image.new("RGB", (image.width + 160, image.height + 120), "white")
+        page.paste(image.convert("RGB"), (80, 60))
+        return page
+
     return {"portrait": hopper, "portrait_face": hopper.crop((150, 60, 400, 330)),
             "portrait_turned": hopper.rotate(90, expand=True), "portrait_grey": ImageOps.grayscale(hopper),
             "portrait_blue": Image.merge("RGB", hopper.split()[::-1]), "present": present,
@@ -141,7 +151,10 @@ def sample_photos():
             "logo": logo, "logo_crop": logo.crop((0, 0, 140, 130)), "icon": icon,
             "terrain": coloured(terrain, "terrain"), "terrain_crop": coloured(terrain[100:250, 150:350], "gist_earth"),
             "relief": coloured(relief, "gray"), "coast": coloured(topography, "viridis"),
-            "scan": Image.fromarray((255 * scan / scan.max()).astype(np.uint8)).convert("RGB")}
+            "scan": Image.fromarray((255 * scan / scan.max()).astype(np.uint8)).convert("RGB"),
+            "portrait_on_a_page": on_a_page(hopper.crop((150, 60, 400, 330))),
+            "terrain_on_a_page": on_a_page(coloured(terrain, "terrain")), "scan_on_a_page": on_a_page(
+                Image.fromarray((255 * scan / scan.max()).astype(np.uint8)))}
 
 
 def build(folder):
@@ -152,6 +165,57 @@ def build(folder):
         paths.append(folder / f"{name}.png")
         image.save(paths[-1])
     return paths
+
+
+def judge(encode, reconstruct, photos, edges, found, reference, train_codes):
+    """Which photos --query calls unlike the catalogue, with its limits set on the `reference` photos:
+    no product found in it, or any of shop.why_unusual's reasons."""
+    limits = shop.unusual_limits(reconstruct, reference, encode(reference), train_codes)
+    bits = shop.unusualness(photos, reconstruct, limits["variance"]).tolist()
+    distances = shop.nearest_distance(encode(photos), train_codes).tolist()
+    return [not product or bool(shop.why_unusual(*measures, limits))
+            for *measures, product in zip(bits, distances, edges, found)]
+
+
+def measure(name, checkpoint, paths, data):
+    """Prints the share of `paths` that --query flags with the model in `checkpoint`, and the share of
+    the test photos it flags, each half judged by limits set on the other; and the same for the
+    model's error alone (squared error past the 99th percentile of the test photos', the old note)."""
+    model, state = compare.load_model(name, checkpoint, common.select_device(None))
+    size = state["args"]["image_size"]
+    catalogue = common.load_catalogue(data, size)
+    functions = compare.model_functions(name, model, next(model.parameters()).device)
+
+    def encode(photos):
+        return functions["encode"](photos.float() / 255)
+
+    def reconstruct(photos):
+        return functions["reconstruct"](photos.float() / 255)
+
+    images, test = catalogue.images, catalogue.test_index
+    train_codes = encode(images[catalogue.train_index])
+    read = [shop.read_query(str(path), catalogue, size) for path in paths]  # (photo, name, edge, found)
+    photos = torch.stack([photo for photo, *_ in read])
+    flagged = judge(encode, reconstruct, photos, [edge for _, _, edge, _ in read], [found for *_, found in read],
+                    images[test], train_codes)
+    files = [catalogue.folder / catalogue.metadata.at[i, "path"] for i in test.tolist()]
+    edges = [shop.edge_of(file) if file.is_file() else 0.0 for file in files]  # the synthetic catalogue has none
+    halves = [torch.arange(len(test))[start::2] for start in (0, 1)]
+    false_alarms = sum(sum(judge(encode, reconstruct, images[test[half]], [edges[i] for i in half.tolist()],
+                                 [True] * len(half), images[test[other]], train_codes))
+                       for half, other in zip(halves, halves[::-1]))
+
+    def squared_error(photos):
+        return ((reconstruct(photos) - photos.float() / 255) ** 2).flatten(1).sum(1)
+
+    alone = squared_error(photos) > squared_error(images[test]).quantile(0.99)
+    alone_tests = sum(int((squared_error(images[test[half]]) > squared_error(images[test[other]]).quantile(0.99)).sum())
+                      for half, other in zip(halves, halves[::-1]))
+    print(f"{name}.py ({checkpoint}): --query flags {sum(flagged)} of {len(paths)} non-products "
+          f"({sum(flagged) / len(paths):.0%}) and {false_alarms} of {len(test)} test photos "
+          f"({false_alarms / len(test):.1%}); the error alone flags {int(alone.sum())} ({alone.float().mean():.0%}) "
+          f"and {alone_tests} ({alone_tests / len(test):.1%})")
+    print("  not flagged: " + (", ".join(path.stem for path, hit in zip(paths, flagged) if not hit) or "none"))
 
 
 def main(argv=None):
