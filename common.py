@@ -937,7 +937,8 @@ def draw_code_space(name, codes, decode, kinds, catalogue, active, threshold, pr
     plane = code_plane(codes, prior)
     where = ("the code's own numbers" if latent <= 2 else "the codes' two main directions")
     grid = "N(0, 1) quantiles, where the prior puts its mass" if prior else "the box of the codes, holes and all"
-    plot_code_plane(plane, decode(plane["grid"]), kinds, test, f"The {name}'s code plane ({latent} numbers), on "
+    plot_code_plane(plane, decode(plane["grid"]), kinds, test, f"The {name}'s code plane ({latent} number"
+                    f"{'s' if latent > 1 else ''}), on "
                     f"{where}: the test products' codes, and a grid at {grid}, decoded{tag}", out / "code_plane.png")
     plot_codes_against_prior(codes[test], active, threshold, f"The {name}'s codes of the {len(test)} test photos "
                              f"against the prior N(0, 1): {active} of {latent} dimensions active{tag}",

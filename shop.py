@@ -72,9 +72,10 @@ def figures(samples_by_epoch, name, encode, decode_codes, codes, catalogue, tag,
         (light, cast), (dark, dark_cast) = (colour_of_products(edit(others, s), images[others].float() / 255)
                                             for s in (0, 1.5))
         black = [i for i in measured if metadata.at[i, "Colour"] == "Black"]
+        real = f"the black test products' photos: {casts[black].mean():+.3f}" if black else "no black test product"
         print(f"attribute edit, +1.5 x black on the {len(others)} test products of other colours: luminance "
-              f"{light.mean():.2f} -> {dark.mean():.2f}, (G + B) / 2 - R {cast.mean():+.3f} -> {dark_cast.mean():+.3f}, "
-              f"a shift of {(dark_cast - cast).mean():+.3f} (the black test products' photos: {casts[black].mean():+.3f})")
+              f"{light.mean():.2f} -> {dark.mean():.2f}, (G + B) / 2 - R {cast.mean():+.3f} -> "
+              f"{dark_cast.mean():+.3f}, a shift of {(dark_cast - cast).mean():+.3f} ({real})")
     # Catalogue QA: the test products the model finds most unusual, as --query judges a photo.
     test = images[catalogue.test_index]
     variance = ((decode_codes(codes[catalogue.test_index]) - test.float() / 255) ** 2).mean().item()
