@@ -279,13 +279,12 @@ def evaluate_denoising(model, catalogue, args):
         scores = [{name: psnr(images, clean[block]) for name, images in candidates(noisy[block]).items()}
                   for block in torch.arange(len(clean)).split(1024)]
         row = {name: torch.cat([score[name] for score in scores]).mean().item() for name in scores[0]}
-        if strength == 0:  # the input is the clean photo itself: its PSNR is no measure
-            row["noisy input"] = ""
-        others = {name: value for name, value in row.items() if name != "DAE" and value != ""}
+        others = {name: value for name, value in row.items() if name != "DAE"}
         best = max(others, key=others.get)  # the best that needs no training: a filter, or the input as it is
-        row["DAE - best other"], winner = row["DAE"] - others[best], best
+        row["DAE - best other"], row["best other"] = row["DAE"] - others[best], best
+        if strength == 0:  # the input is the clean photo itself: nothing beats it, and its PSNR is no measure
+            row["noisy input"] = row["DAE - best other"] = row["best other"] = ""
         rows.append({"noise": kind + (" (trained on)" if kind == args.noise else ""), "strength": strength, **row})
-        rows[-1]["best other"] = winner
         if drawn:
             outputs[kind] = {"strength": strength, "clean": clean[shown], **candidates(noisy[shown])}
     print(f"denoising the {len(clean)} test products" + (f" (of {len(catalogue.test_index)}, spread over them)" if
@@ -296,7 +295,7 @@ def evaluate_denoising(model, catalogue, args):
         print(f"  {row['noise']:28s}{row['strength']:9.3f}" + "".join(f"{row[name]:19.2f}" if row[name] != "" else
                                                                       f"{'-':>19s}" for name in list(row)[2:-1])
               + (f"  <- {'the input left as it is' if row['best other'] == 'noisy input' else row['best other']} "
-                 f"does better" if row["DAE - best other"] < 0 else ""))
+                 f"does better" if row["DAE - best other"] != "" and row["DAE - best other"] < 0 else ""))
     with open(args.out / "denoising.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

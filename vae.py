@@ -15,7 +15,7 @@ Writing z as mu plus scaled noise moves the randomness into eps, so gradients fl
 sigma. The KL term pulls every image's Gaussian towards the standard normal: codes of similar
 products overlap instead of sitting far apart, and the space between them decodes to plausible
 products. beta weighs that pull: a small beta lets the code say more about each photo, a large one
-makes its space smoother, and dimensions the decoder has no use for collapse to the prior.
+makes its space smoother, and numbers the decoder has little use for fall back to the prior.
 
 The decoder's variance sigma^2 is a hidden beta: the textbook sum of squared errors fixes it at
 1/2, which weighs the KL ~100x too much on these photos. Here it is set to its best value, the
