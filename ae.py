@@ -62,7 +62,7 @@ ADAM_BETAS = (0.9, 0.99)  # a shorter memory of squared gradients than the usual
 WARMUP = 0.2  # the share of the steps over which the learning rate climbs to --lr
 SHIFT = 2  # training photos are moved by up to this many pixels each way
 SNAPSHOTS = (1, 2, 5, 10, 20)  # the epochs (and the last) after which samples_by_epoch.png draws samples
-ACTIVE = 0.01  # a code dimension that varies more than this across photos is active (active_units)
+ACTIVE = 0.01  # a code dimension whose mean varies more than this across photos is active (active_units)
 RIDGE = 1e-3  # added to the fitted covariance of the codes, so that it can be inverted
 GUIDANCE = 1.0  # how much further from the average product one kind's new products are drawn (one_kind)
 SCRIPT = Path(__file__).name  # saved in the checkpoint, so that another script's model is refused
@@ -260,11 +260,10 @@ def fit_code_distribution(codes, kinds):
 
 
 def one_kind(code_distribution, kind):
-    """The Gaussian new products of one kind are drawn from (a mixture of one): the kind's own, moved
-    away from the mean of all codes by GUIDANCE times its distance from it. A decoder trained on
-    squared error draws the average of what a code could be, so its products look less of their kind
-    than photos (a blurred sports shoe passes for a casual one); as in classifier-free guidance,
-    drawing what sets the kind apart more strongly makes up for it."""
+    """The Gaussian a kind's new products are drawn from (a mixture of one): its own, moved away from
+    the mean of all codes by GUIDANCE times its distance from it. The decoder's blur makes products
+    look less of their kind than photos (a blurred sports shoe passes for a casual one); as in
+    classifier-free guidance, drawing what sets the kind apart more strongly makes up for it."""
     own, centre = code_distribution["kinds"][kind], code_distribution["all"]["all"]["mean"]
     return {kind: {**own, "mean": own["mean"] + GUIDANCE * (own["mean"] - centre)}}
 

@@ -59,10 +59,9 @@ def parse_args(argv=None):
     # noise
     parser.add_argument("--noise", choices=NOISE_KINDS, default="gaussian", help="the corruption to train on")
     parser.add_argument("--noise-strength", type=float, default=None,
-                        help="the test's strength; training draws each image's from [0, twice this]. If not given, "
-                             "the kind's own: gaussian 0.1 (standard deviation), salt-and-pepper 0.1 (the fraction "
-                             "of pixels hit), occlusion 0.1 (the fraction covered), jpeg 0.4 (1 - quality/100: "
-                             "quality 60; at 0.1 the damage is too slight to undo)")
+                        help="the test's strength, training's drawn from [0, twice it]; if not given, the kind's own: "
+                             "gaussian 0.1 (std), salt-and-pepper 0.1 (pixels hit), occlusion 0.1 (area covered), "
+                             "jpeg 0.4 (1 - quality/100: at 0.1 the damage is too slight to undo)")
     # data, device, outputs, a saved run: the same in every script
     add_run_flags(parser, REPO / "out" / "dae", tools=False)
     parser.add_argument("--clean", nargs="+", default=None, metavar="PHOTO",
@@ -329,8 +328,9 @@ def make_figures(catalogue, history, outputs, args):
     tag = " [SYNTHETIC catalogue]" if catalogue.synthetic else ""  # so no one mistakes it for real results
     trained = f"a DAE trained on {args.noise} noise of strength 0 to {2 * args.noise_strength:g}"
     for kind, candidates in outputs.items():
-        shown = f"{kind} noise of strength {candidates['strength']:g}" + ("" if kind == args.noise else ", which it "
-                                                                            "never saw in training")
+        shown = (f"{kind} noise of strength {candidates['strength']:g}"
+                 + (f" (quality {round(100 * (1 - candidates['strength']))})" if kind == "jpeg" else "")
+                 + ("" if kind == args.noise else ", which it never saw in training"))
         rows = [candidates[name] for name in ("clean", "noisy input", "median filter (3)", "DAE")]
         show_rows(rows, ["clean", "noisy", "median (3)", "DAE"], f"Denoising {shown}, by {trained}" + tag,
                   args.out / f"denoising_{kind}.png")

@@ -281,11 +281,10 @@ def fit_code_distribution(codes, kinds):
 
 
 def one_kind(code_distribution, kind):
-    """The Gaussian new products of one kind are drawn from (a mixture of one): the kind's own, moved
-    away from the mean of all codes by GUIDANCE times its distance from it. A decoder trained on
-    squared error draws the average of what a code could be, so its products look less of their kind
-    than photos (a blurred sports shoe passes for a casual one); as in classifier-free guidance,
-    drawing what sets the kind apart more strongly makes up for it."""
+    """The Gaussian a kind's new products are drawn from (a mixture of one): its own, moved away from
+    the mean of all codes by GUIDANCE times its distance from it. The decoder's blur makes products
+    look less of their kind than photos (a blurred sports shoe passes for a casual one); as in
+    classifier-free guidance, drawing what sets the kind apart more strongly makes up for it."""
     own, centre = code_distribution["kinds"][kind], code_distribution["all"]["all"]["mean"]
     return {kind: {**own, "mean": own["mean"] + GUIDANCE * (own["mean"] - centre)}}
 
