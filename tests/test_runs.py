@@ -1,7 +1,6 @@
 """What the three scripts share about a run: --resume, --checkpoint, metrics.csv, Ctrl-C."""
 
 import csv
-import json
 import math
 import re
 import shlex
