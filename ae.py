@@ -185,6 +185,8 @@ def train_model(model, train_images, train_kinds, test_images, history, samples_
         # pixels are white background, which would take the first steps alone (clamped: white's logit is inf).
         with torch.no_grad():
             model.decoder[-2].bias.copy_(torch.logit(colour).clamp(-5, 5))
+    # Past this test loss the run has diverged (epoch_row stops it): a flat picture of that colour with
+    # twice its error.
     limit = divergence_limit(lambda recon, images: ae_loss(recon, images)["loss"], colour, test_images)
     started, first, code_distribution = time.time(), len(history) + 1, None
     with stop_cleanly(args):
@@ -306,9 +308,8 @@ def make_figures(model, catalogue, history, code_distribution, samples_by_epoch,
     rows, labels = shop.sample_rows(lambda mixture: decode_samples(model, mixture, 10, args.seed, args),
                                     code_distribution, one_kind)
     box = decode_box(model, codes[catalogue.train_index], 10, args.seed, args)
-    show_rows([box, *rows], ["box of the codes", *labels], "New products, in the textbook's order: codes from the "
-              "box of the codes, from a Gaussian fitted to them, from one per type, and from four types' set apart "
-              "(one_kind)" + tag, args.out / "samples.png")
+    show_rows([box, *rows], ["box of the codes", *labels], "New products from the box of the codes, a Gaussian fitted "
+              "to the codes, one Gaussian per type" + tag, args.out / "samples.png")
     plot_curves(history, {"loss": "reconstruction loss per image", "psnr": "PSNR (dB)"}, args.out / "loss_curves.png",
                 log=("loss",))
     draw_code_space("AE", codes, decode, product_kinds(catalogue), catalogue, active, ACTIVE, False, tag, args.out)

@@ -39,8 +39,9 @@ import torch
 from PIL import Image, ImageFilter
 from torch import nn
 
-from common import (REPO, add_run_flags, average_colour, check_flags, divergence_limit, end_epoch, epoch_row, load_catalogue, log_epoch,
-                    plot_curves, prepare_out, resume_training, show_rows, shown_products, start_run, stop_cleanly)
+from common import (REPO, add_run_flags, average_colour, check_flags, divergence_limit, end_epoch, epoch_row,
+                    load_catalogue, log_epoch, plot_curves, prepare_out, resume_training, show_rows, shown_products,
+                    start_run, stop_cleanly)
 import shop
 
 
@@ -219,10 +220,8 @@ def train_model(model, train_images, test_images, history, state, args):
         resume_training(state, optimizer, schedule, generator, args)
     # Past this test loss the run has diverged (epoch_row stops it): twice the error of what the DAE
     # starts from, its noisy input handed back, or a flat picture of the photos' average colour.
-    def corrupt(images):
-        return add_noise(images, args.noise, args.noise_strength, torch.Generator().manual_seed(args.seed))
-
-    limit = divergence_limit(reconstruction_loss, average_colour(train_images), test_images, corrupt)
+    limit = divergence_limit(reconstruction_loss, average_colour(train_images), test_images, lambda images: add_noise(
+        images, args.noise, args.noise_strength, torch.Generator().manual_seed(args.seed)))
     started, first = time.time(), len(history) + 1
     with stop_cleanly(args):
         for epoch in range(first, args.epochs + 1):
@@ -291,10 +290,11 @@ def evaluate_denoising(model, catalogue, args):
           f"to {2 * args.noise_strength:g}, PSNR in dB (higher is better):")
     print(f"  {'noise':28s}{'strength':>9s}" + "".join(f"{name:>19s}" for name in list(rows[0])[2:-1]))
     for row in rows:
+        beaten = row["DAE - best other"] != "" and row["DAE - best other"] < 0
+        winner = "the input left as it is" if row["best other"] == "noisy input" else row["best other"]
         print(f"  {row['noise']:28s}{row['strength']:9.3f}" + "".join(f"{row[name]:19.2f}" if row[name] != "" else
                                                                       f"{'-':>19s}" for name in list(row)[2:-1])
-              + (f"  <- {'the input left as it is' if row['best other'] == 'noisy input' else row['best other']} "
-                 f"does better" if row["DAE - best other"] != "" and row["DAE - best other"] < 0 else ""))
+              + (f"  <- {winner} does better" if beaten else ""))
     with open(args.out / "denoising.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -31,7 +31,8 @@ def sample_rows(draw, code_distribution, one_kind, rows=4):
     kinds = code_distribution["kinds"]
     common_kinds = sorted(kinds, key=lambda kind: -kinds[kind]["weight"])[:rows]
     mixtures = [code_distribution["all"], kinds, *(one_kind(code_distribution, kind) for kind in common_kinds)]
-    return [draw(mixture) for mixture in mixtures], ["one Gaussian", "one per type", *common_kinds]
+    return [draw(mixture) for mixture in mixtures], ["one Gaussian", "one per type",
+                                                     *(f"{kind},\nset apart" for kind in common_kinds)]
 
 
 def figures(samples_by_epoch, name, encode, decode_codes, codes, catalogue, tag, args):

@@ -25,12 +25,11 @@ negative, and lower is still better. The KL rises for the first epochs, then set
 decoder draws a blurred average and detail in the code buys little; as it learns to draw detail,
 and sigma^2 falls with its error, each nat the code spends buys more.
 
-Sampling, in the textbook's order (below): z ~ N(0, I) draws smudges here. Each of the code's numbers
-alone is close to N(0, 1), but they are correlated: along their main directions the codes spread
-from ten times the prior's variance down to a hundredth of it (codes_vs_prior.png), so most draws
-land where no photo's code is. A Gaussian fitted to where the codes are draws products (Ghosh et al.
-2019); one per product type, mixed, draws each type as often as the catalogue has it; and a type
-asked for is drawn set apart from the average product (one_kind), against the decoder's blur.
+Sampling, in the textbook's order (below): z ~ N(0, I) draws smudges here. Each code number alone is
+close to N(0, 1), but they are correlated: along their main directions the codes spread from ten
+times the prior's variance to a hundredth of it (codes_vs_prior.png), so most draws land where no
+photo's code is. A Gaussian fitted to the codes draws products (Ghosh et al. 2019), one per product
+type draws each as often as the catalogue has it, and one_kind sets a type apart against the blur.
 
 Run:    python vae.py --epochs 50    (model.pt, metrics.csv, search.csv and the figures in out/vae/)
 Again:  python vae.py --figures-only --num-samples 16 --product-type Tshirts   (16 new T-shirts in samples/)
@@ -206,9 +205,11 @@ def train_model(model, train_images, train_kinds, test_images, history, samples_
         # pixels are white background, which would take the first steps alone (clamped: white's logit is inf).
         with torch.no_grad():
             model.decoder[-2].bias.copy_(torch.logit(colour).clamp(-5, 5))
-    nothing = torch.zeros(len(test_images), args.latent_dim)  # a code that says nothing: mu = 0, sigma = 1, KL = 0
-    limit = divergence_limit(lambda recon, images: vae_loss(recon, images, nothing[:len(images)], nothing[:len(images)],
-                                                            args.beta)["loss"], colour, test_images)
+    # Past this test loss the run has diverged (epoch_row stops it): a flat picture of that colour with
+    # twice its error, and a code that says nothing (mu = 0, log sigma^2 = 0: a KL of 0).
+    nothing = torch.zeros(1, args.latent_dim)
+    limit = divergence_limit(lambda recon, images: vae_loss(recon, images, nothing, nothing)["loss"], colour,
+                             test_images)
     started, first, code_distribution = time.time(), len(history) + 1, None
     with stop_cleanly(args):
         for epoch in range(first, args.epochs + 1):
@@ -326,9 +327,9 @@ def make_figures(model, catalogue, history, code_distribution, samples_by_epoch,
     active = active_units(codes[catalogue.test_index])
     rows, labels = shop.sample_rows(lambda mixture: decode_samples(model, mixture, 10, args.seed, args),
                                     code_distribution, one_kind)
-    show_rows([decode_prior(model, 10, args.seed, args), *rows], ["prior N(0, I)", *labels], "New products, in the "
-              "textbook's order: codes from the prior, from a Gaussian fitted to the codes, from one per type, and "
-              "from four types' set apart (one_kind)" + tag, args.out / "samples.png")
+    prior = decode_prior(model, 10, args.seed, args)  # the textbook's way first, then the fitted Gaussians
+    show_rows([prior, *rows], ["prior N(0, I)", *labels], "New products from the prior, a Gaussian fitted to the "
+              "codes, one Gaussian per type" + tag, args.out / "samples.png")
     plot_curves(history, {"loss": "negative ELBO per image", "reconstruction": "reconstruction per image",
                           "kl": "KL per image (rises as the decoder learns detail)",
                           "variance": "decoder variance sigma^2"}, args.out / "loss_curves.png", log=("variance",))
