@@ -35,10 +35,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import (REPO, add_run_flags, average_colour, check_flags, chosen_mixture, divergence_limit,
-                    draw_code_space, end_epoch, epoch_row, load_catalogue, log_epoch, one_cycle, plot_curves,
-                    prepare_out, product_kinds, resume_training, save_images, show_rows, square_root, start_run,
-                    stop_cleanly)
+from common import REPO, average_colour, load_catalogue, product_kinds  # the photos
+# The run's books and its figures, written once for the three scripts: none of them is the lesson.
+from bookkeeping import (add_run_flags, check_epoch, check_flags, divergence_limit, end_epoch, ends_cleanly,
+                         log_epoch, one_cycle, prepare_out, restore, resume_training, start_run, stop_cleanly)
+from figures import draw_code_space, plot_curves, save_grid, save_images
 import shop
 
 
@@ -58,7 +59,7 @@ def parse_args(argv=None):
     return check_flags(parser, parser.parse_args(argv))
 
 
-ADAM_BETAS = (0.9, 0.99)  # a shorter memory of squared gradients than the usual 0.999: steps adapt faster
+ADAM_BETAS = (0.95, 0.99)  # momentum: one cycle moves it 0.95 -> 0.85 -> 0.95; 0.99 < the usual 0.999: faster steps
 WARMUP = 0.2  # the share of the steps over which the learning rate climbs to --lr
 SHIFT = 2  # training photos are moved by up to this many pixels each way
 SNAPSHOTS = (1, 2, 5, 10, 20)  # the epochs (and the last) after which samples_by_epoch.png draws samples
@@ -67,7 +68,6 @@ RIDGE = 1e-3  # added to the fitted covariance of the codes, so that it can be i
 GUIDANCE = 1.0  # how much further from the average product one kind's new products are drawn (one_kind)
 SCRIPT = Path(__file__).name  # saved in the checkpoint, so that another script's model is refused
 MODEL_FLAGS = ("latent_dim", "image_size")  # what the model is: always taken from a checkpoint
-TRAINING_FLAGS = ("epochs", "batch_size", "lr", "seed")  # how it was trained: taken from it by --resume
 
 
 # ----------------------------------------------------------------------------- model
@@ -185,7 +185,7 @@ def train_model(model, train_images, train_kinds, test_images, history, samples_
         # pixels are white background, which would take the first steps alone (clamped: white's logit is inf).
         with torch.no_grad():
             model.decoder[-2].bias.copy_(torch.logit(colour).clamp(-5, 5))
-    # Past this test loss the run has diverged (epoch_row stops it): a flat picture of that colour with
+    # Past this test loss the run has diverged (check_epoch stops it): a flat picture of that colour with
     # twice its error.
     limit = divergence_limit(lambda recon, images: ae_loss(recon, images)["loss"], colour, test_images)
     started, first, code_distribution = time.time(), len(history) + 1, None
@@ -194,7 +194,7 @@ def train_model(model, train_images, train_kinds, test_images, history, samples_
             tick = time.time()
             train = run_epoch(model, train_images, args, optimizer, generator, schedule)
             test = run_epoch(model, test_images, args)
-            row = epoch_row(epoch, train, test, time.time() - tick, len(train_images), args, limit)
+            row = check_epoch(epoch, train, test, time.time() - tick, len(train_images), args, limit)
             if epoch in SNAPSHOTS or epoch == args.epochs:  # training at work: where the codes are now
                 fitted = fit_code_distribution(encode_all(model, train_images, args), train_kinds)
                 samples_by_epoch.append((epoch, decode_samples(model, fitted["kinds"], 10, args.seed + 1, args)))
@@ -209,12 +209,8 @@ def train_model(model, train_images, train_kinds, test_images, history, samples_
 @torch.no_grad()
 def encode_all(model, images, args):
     """Latent codes of a set of photos (uint8), in batches: (N, latent). A VAE's code is its mean mu."""
-    model.eval()
-    codes = []
-    for batch in images.split(args.batch_size):
-        batch = batch.to(args.device, memory_format=torch.channels_last).float() / 255
-        codes.append(model.encode(batch))
-    return torch.cat(codes).float().cpu()
+    batches = (batch.to(args.device, memory_format=torch.channels_last) for batch in images.split(args.batch_size))
+    return torch.cat([model.eval().encode(batch.float() / 255) for batch in batches]).float().cpu()
 
 
 @torch.no_grad()
@@ -270,6 +266,16 @@ def one_kind(code_distribution, kind):
     return {kind: {**own, "mean": own["mean"] + GUIDANCE * (own["mean"] - centre)}}
 
 
+def square_root(covariance):
+    """L with L L^T = covariance: Cholesky's, or where rounding left it not quite positive definite (a
+    run that blew up, whose codes' spread swallows the ridge), the symmetric root without its negatives."""
+    root, failed = torch.linalg.cholesky_ex(covariance)
+    if not failed:
+        return root
+    values, vectors = torch.linalg.eigh(covariance.double())
+    return (vectors * values.clamp_min(0).sqrt()).to(covariance.dtype)
+
+
 def sample_codes(mixture, count, generator):
     """`count` codes from a mixture of Gaussians ({name: {mean, covariance, weight}}): each code's
     Gaussian drawn by weight, then z = mean + L eps, eps ~ N(0, I), with L L^T = covariance."""
@@ -291,7 +297,7 @@ def decode_samples(model, mixture, count, seed, args):
 
 def write_samples(model, code_distribution, count, args):
     """`count` new products as PNG files in OUT/samples/: of --product-type, or of every type."""
-    mixture = chosen_mixture(code_distribution, args.product_type, one_kind)  # {type: its Gaussian}
+    mixture = shop.chosen_mixture(code_distribution, args.product_type, one_kind)  # {type: its Gaussian}
     save_images(decode_samples(model, mixture, count, args.seed + 2, args), args.out / "samples", args.product_type)
 
 
@@ -301,44 +307,38 @@ def write_samples(model, code_distribution, count, args):
 def make_figures(model, catalogue, history, code_distribution, samples_by_epoch, args):
     """Every figure of a trained model. Returns its active units, counted on the test photos' codes."""
     tag = " [SYNTHETIC catalogue]" if catalogue.synthetic else ""  # so no one mistakes it for real results
-
     encode, decode = partial(encode_all, model, args=args), partial(decode_all, model, args=args)
     codes = encode(catalogue.images)  # (N, latent): every product's code
     active = active_units(codes[catalogue.test_index])
     rows, labels = shop.sample_rows(lambda mixture: decode_samples(model, mixture, 10, args.seed, args),
                                     code_distribution, one_kind)
     box = decode_box(model, codes[catalogue.train_index], 10, args.seed, args)
-    show_rows([box, *rows], ["box of the codes", *labels], "New products from the box of the codes, a Gaussian fitted "
+    save_grid([box, *rows], ["box of the codes", *labels], "New products from the box of the codes, a Gaussian fitted "
               "to the codes, one Gaussian per type" + tag, args.out / "samples.png")
     plot_curves(history, {"loss": "reconstruction loss per image", "psnr": "PSNR (dB)"}, args.out / "loss_curves.png",
                 log=("loss",))
-    draw_code_space("AE", codes, decode, product_kinds(catalogue), catalogue, active, ACTIVE, False, tag, args.out)
-    shop.figures(samples_by_epoch, "AE", encode, decode, codes, catalogue, tag, args)
+    draw_code_space("AE", codes, decode, catalogue, active, ACTIVE, tag, args.out, prior=False)
+    shop.draw_figures(samples_by_epoch, "AE", encode, decode, codes, catalogue, tag, args)
     return active
 
 
+@ends_cleanly  # Ctrl-C anywhere ends in one line, and the --out it held is let go
 def main(argv=None):
     args = parse_args(argv)
     tool = args.query is not None or args.duplicates is not None
-    checkpoint, state = start_run(SCRIPT, args, vars(parse_args([])), MODEL_FLAGS, TRAINING_FLAGS,
+    checkpoint, state = start_run(SCRIPT, args, vars(parse_args([])), MODEL_FLAGS,
                                   load=args.figures_only or args.resume or tool)
     model = Autoencoder(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)
-    if state:
-        model.load_state_dict(state["state_dict"])
-    history = state["history"] if state else []
-    code_distribution = state.get("code_distribution") if state else None
-    samples_by_epoch = state["samples_by_epoch"] if state else []  # [(epoch, images)], kept in the checkpoint
+    history, code_distribution, samples_by_epoch = restore(model, state)  # from the checkpoint, if any
     if args.figures_only and args.num_samples:  # the checkpoint is all that sampling needs: no photos, no figures
         return write_samples(model, code_distribution, args.num_samples, args)
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
-    kinds = product_kinds(catalogue)
-    train_kinds = [kinds[i] for i in catalogue.train_index.tolist()]
+    train_kinds = product_kinds(catalogue, catalogue.train_index)
     prepare_out(SCRIPT, args, catalogue, state, training=not (args.figures_only or tool))
     if tool:
-        return shop.run_tools(partial(encode_all, model, args=args), partial(decode_all, model, args=args),
-                              catalogue, checkpoint, args)
-
+        return shop.run_tools(partial(encode_all, model, args=args), partial(decode_all, model, args=args), catalogue,
+                              checkpoint, args)
     if not args.figures_only:
         code_distribution = train_model(model, train_images, train_kinds, test_images, history, samples_by_epoch,
                                         state, args)
@@ -351,6 +351,7 @@ def main(argv=None):
     print(f"test: reconstruction {final['loss']:.1f} per image, PSNR {final['psnr']:.2f} dB, {active} of "
           f"{args.latent_dim} code dimensions active; figures in {args.out}/"
           + (" (a SYNTHETIC catalogue: not real results)" if catalogue.synthetic else ""))
+
 
 if __name__ == "__main__":
     main()

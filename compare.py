@@ -41,7 +41,9 @@ import ae
 import dae
 import shop
 import vae
-from common import REPO, load_catalogue, one_cycle, product_kinds, read_checkpoint, select_device, show_rows
+from bookkeeping import one_cycle, read_checkpoint
+from common import REPO, load_catalogue, product_kinds, select_device
+from figures import save_grid
 
 SCRIPTS = {"ae": ae.Autoencoder, "dae": dae.DenoisingAutoencoder, "vae": vae.VAE}  # name: its model
 TYPES = ("Tshirts", "Sports Shoes")  # the product types whose samples are checked by the classifier
@@ -360,7 +362,7 @@ def main(argv=None):
     (args.out / "table.md").write_text(table + "\n\n" + note + "\n")
     (args.out / "summary.json").write_text(json.dumps({"rows": rows, "floor": floor}, indent=1))
     tag = " [SYNTHETIC catalogue]" if catalogue.synthetic else ""
-    show_rows(list(outputs.values()), [name.replace(".py", "").upper() if ".py" in name else "PCA" for name in outputs],
+    save_grid(list(outputs.values()), [name.replace(".py", "").upper() if ".py" in name else "PCA" for name in outputs],
               "The same 8 test products, reconstructed from clean photos" + tag, args.out / "same_products.png")
     for name in ("table.md", "summary.json", "same_products.png"):
         print(f"wrote {args.out / name}")

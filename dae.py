@@ -39,9 +39,11 @@ import torch
 from PIL import Image, ImageFilter
 from torch import nn
 
-from common import (REPO, add_run_flags, average_colour, check_flags, divergence_limit, end_epoch, epoch_row,
-                    load_catalogue, log_epoch, plot_curves, prepare_out, resume_training, show_rows, shown_products,
-                    start_run, stop_cleanly)
+from common import REPO, average_colour, load_catalogue, shown_products  # the photos
+# The run's books and its figures, written once for the three scripts: none of them is the lesson.
+from bookkeeping import (add_run_flags, check_epoch, check_flags, divergence_limit, end_epoch, ends_cleanly,
+                         log_epoch, prepare_out, restore, resume_training, start_run, stop_cleanly)
+from figures import plot_curves, save_grid
 import shop
 
 
@@ -75,7 +77,6 @@ def parse_args(argv=None):
 
 SCRIPT = Path(__file__).name  # saved in the checkpoint, so that another script's model is refused
 MODEL_FLAGS = ("latent_dim", "image_size", "noise", "noise_strength")  # what the model is: taken from a checkpoint
-TRAINING_FLAGS = ("epochs", "batch_size", "lr", "seed")  # how it was trained: taken from it by --resume
 # The denoising table scores 4 contenders at 7 noise levels on at most this many test products, spread
 # over the test set: enough for its two decimals, and it stays in proportion to an epoch on a large catalogue.
 TABLE_PRODUCTS = 1000
@@ -218,7 +219,7 @@ def train_model(model, train_images, test_images, history, state, args):
     generator = torch.Generator().manual_seed(args.seed)
     if args.resume:
         resume_training(state, optimizer, schedule, generator, args)
-    # Past this test loss the run has diverged (epoch_row stops it): twice the error of what the DAE
+    # Past this test loss the run has diverged (check_epoch stops it): twice the error of what the DAE
     # starts from, its noisy input handed back, or a flat picture of the photos' average colour.
     limit = divergence_limit(reconstruction_loss, average_colour(train_images), test_images, lambda images: add_noise(
         images, args.noise, args.noise_strength, torch.Generator().manual_seed(args.seed)))
@@ -229,7 +230,7 @@ def train_model(model, train_images, test_images, history, state, args):
             train = run_epoch(model, train_images, args, optimizer, generator)
             test = run_epoch(model, test_images, args)
             schedule.step()
-            row = epoch_row(epoch, train, test, time.time() - tick, len(train_images), args, limit)
+            row = check_epoch(epoch, train, test, time.time() - tick, len(train_images), args, limit)
             end_epoch(SCRIPT, model, history, row, args, optimizer, schedule, generator)
             log_epoch(row, args, started, first)
 
@@ -332,27 +333,26 @@ def make_figures(catalogue, history, outputs, args):
                  + (f" (quality {round(100 * (1 - candidates['strength']))})" if kind == "jpeg" else "")
                  + ("" if kind == args.noise else ", which it never saw in training"))
         rows = [candidates[name] for name in ("clean", "noisy input", "median filter (3)", "DAE")]
-        show_rows(rows, ["clean", "noisy", "median (3)", "DAE"], f"Denoising {shown}, by {trained}" + tag,
+        save_grid(rows, ["clean", "noisy", "median (3)", "DAE"], f"Denoising {shown}, by {trained}" + tag,
                   args.out / f"denoising_{kind}.png")
-        show_rows([candidates["DAE"]], ["DAE"], f"Outputs of {trained}, given {shown}" + tag,
+        save_grid([candidates["DAE"]], ["DAE"], f"Outputs of {trained}, given {shown}" + tag,
                   args.out / f"denoised_{kind}.png")
     plot_curves(history, {"loss": "loss per image (output vs clean)", "psnr": "test PSNR of the output (dB)"},
                 args.out / "loss_curves.png", log=("loss",))
 
 
+@ends_cleanly  # Ctrl-C anywhere ends in one line, and the --out it held is let go
 def main(argv=None):
     args = parse_args(argv)
-    checkpoint, state = start_run(SCRIPT, args, vars(parse_args([])), MODEL_FLAGS, TRAINING_FLAGS,
+    checkpoint, state = start_run(SCRIPT, args, vars(parse_args([])), MODEL_FLAGS,
                                   load=args.figures_only or args.resume or args.clean is not None)
     if args.noise_strength is None:  # not given, and not taken from a checkpoint: the kind's own
         args.noise_strength = STRENGTHS[args.noise]
     model = DenoisingAutoencoder(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)
-    if state:
-        model.load_state_dict(state["state_dict"])
+    history = restore(model, state)[0]  # the loaded run's epochs; [] for a new one
     if args.clean:  # the user's own photos: no catalogue needed
         args.out.mkdir(parents=True, exist_ok=True)
         return shop.clean_photos(lambda photo: denoise_large(model, photo, args), args.clean, args.out)
-    history = state["history"] if state else []
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
     prepare_out(SCRIPT, args, catalogue, state, training=not args.figures_only)

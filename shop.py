@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import (NEAR_COPY_PSNR, Unreadable, connected_groups, edge_ink, frame_product, opened_image, pick,
-                    product_box, show_rows, shown_products, thumbnails, to_rgb)
+from common import (NEAR_COPY_PSNR, Unreadable, connected_groups, frame_product, ink, opened_image, product_box,
+                    shown_products, thumbnails, to_rgb)
+from figures import save_grid
 
 
 # ----------------------------------------------------------------------------- the figures every model draws
@@ -35,22 +36,34 @@ def sample_rows(draw, code_distribution, one_kind, rows=4):
                                                      *(f"{kind},\nset apart" for kind in common_kinds)]
 
 
-def figures(samples_by_epoch, name, encode, decode_codes, codes, catalogue, tag, args):
+def chosen_mixture(code_distribution, product_type, one_kind):
+    """The Gaussians --num-samples draws from: --product-type's (`one_kind` picks it), or every type's."""
+    if code_distribution is None or "kinds" not in code_distribution:
+        raise SystemExit("error: --num-samples: the checkpoint is a run stopped before its last epoch, or saved "
+                         "before sampling by type; finish it with --resume, or drop --figures-only to train anew")
+    kinds = code_distribution["kinds"]
+    if product_type is not None and product_type not in kinds:
+        raise SystemExit(f"error: --product-type {product_type}: no training photo is of that type; the types are "
+                         f"{', '.join(kinds)}")
+    return one_kind(code_distribution, product_type) if product_type else kinds
+
+
+def draw_figures(samples_by_epoch, name, encode, decode_codes, codes, catalogue, tag, args):
     """What ae.py and vae.py both show of a trained model. `encode` takes photos to codes (N, latent),
     `decode_codes` codes to images; `codes` are every product's."""
     images, metadata, out = catalogue.images, catalogue.metadata, args.out
     if samples_by_epoch:  # only training can draw this one: --figures-only redraws it from the checkpoint
-        show_rows([s for _, s in samples_by_epoch], [f"epoch {e}" for e, _ in samples_by_epoch],
+        save_grid([s for _, s in samples_by_epoch], [f"epoch {e}" for e, _ in samples_by_epoch],
                   "The same 10 draws from the Gaussians fitted to the codes, as training goes on" + tag,
                   out / "samples_by_epoch.png")
     shown = shown_products(catalogue, 10)
-    show_rows([images[shown], decode_codes(codes[shown])], ["original", name],
+    save_grid([images[shown], decode_codes(codes[shown])], ["original", name],
               "Test products and their reconstructions" + tag, out / "reconstructions.png")
     # "More like this": the encoder as a search engine, tested with the test products as queries.
     neighbours = evaluate_search(encode, codes, catalogue, args)
     search_figures(catalogue, neighbours, lambda batch: decode_codes(encode(batch)), name, tag, out)
     rows, labels = interpolation_rows(encode, decode_codes, catalogue)
-    show_rows(rows, labels, "Interpolating between two test products in latent space" + tag, out / "interpolations.png")
+    save_grid(rows, labels, "Interpolating between two test products in latent space" + tag, out / "interpolations.png")
     # Attribute edits: add the "Black" direction to the codes of products of other colours.
     edited = [i for i in shown.tolist() if metadata.at[i, "Colour"] != "Black"][:6]
     if (metadata["Colour"] == "Black").any() and edited:
@@ -64,7 +77,7 @@ def figures(samples_by_epoch, name, encode, decode_codes, codes, catalogue, tag,
             return decode_codes(codes[products] + strength * along)
 
         strengths = [0, 0.5, 1, 1.5]
-        show_rows([edit(edited, s) for s in strengths], [f"+{s} x black" for s in strengths],
+        save_grid([edit(edited, s) for s in strengths], [f"+{s} x black" for s in strengths],
                   'Attribute edit: adding the "Black" direction' + tag, out / "attribute_edit.png")
         # Does it darken without a colour cast? Measured on the test products that are not black (at
         # most 1,000 of them, spread over the test set: a larger catalogue's figures stay cheap).
@@ -83,7 +96,7 @@ def figures(samples_by_epoch, name, encode, decode_codes, codes, catalogue, tag,
     scores = unusualness(test, lambda photos: decode_codes(encode(photos)), variance)
     order = catalogue.test_index[scores.argsort(descending=True)].tolist()
     worst = torch.tensor(first_of_each_group(order, catalogue.groups, 8))  # one photo listed twice shows once
-    show_rows([images[worst], decode_codes(codes[worst])], ["photo", name], f"Catalogue QA: the 8 test products "
+    save_grid([images[worst], decode_codes(codes[worst])], ["photo", name], f"Catalogue QA: the 8 test products "
               f"the {name} finds most unusual for their complexity (unusualness)" + tag, out / "catalogue_qa.png")
 
 
@@ -166,9 +179,9 @@ def search_figures(catalogue, neighbours, reconstruct, name, tag, out):
     rows = [torch.cat([torch.tensor([q]), neighbours[position[q]]]) for q in queries]
     labels = [metadata.at[q, "ProductType"] for q in queries]
     titles = ["query"] + [f"match {i}" for i in range(1, 6)]
-    show_rows([catalogue.images[r] for r in rows], labels, "More like this: nearest products by latent code" + tag,
+    save_grid([catalogue.images[r] for r in rows], labels, "More like this: nearest products by latent code" + tag,
               out / "search.png", titles)
-    show_rows([reconstruct(catalogue.images[r]) for r in rows], labels,
+    save_grid([reconstruct(catalogue.images[r]) for r in rows], labels,
               f"More like this (shown as the {name}'s reconstructions)" + tag, out / "search_outputs.png", titles)
 
 
@@ -201,6 +214,13 @@ def describe(metadata, row, *columns):
     return [str(metadata.at[row, column]) if column in metadata else "" for column in columns]
 
 
+def pick(metadata, index, column, value, otherwise=0):
+    """The first of the given products whose metadata column equals value; if none does (a folder
+    without fashion.csv, say), the product at position `otherwise`, spread over the index."""
+    matches = np.flatnonzero(metadata[column].to_numpy()[index.numpy()] == value)  # positions within index
+    return index[matches[0] if len(matches) else otherwise * len(index) // 8 % len(index)].item()
+
+
 def read_query(query, catalogue, image_size):
     """A --query: a photo file, framed as the catalogue's photos are, or a catalogue ProductId. Returns
     the photo (3, S, S) as bytes, its name, the share of its edge that is not white, and whether the
@@ -216,6 +236,12 @@ def read_query(query, catalogue, image_size):
         image = to_rgb(image)
         pixels = frame_product(image, image_size)
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1), path.stem, edge_ink(image), bool(product_box(image))
+
+
+def edge_ink(image):
+    """The share of a photo's outermost pixels that count as product (ink): ~0 for a product on white."""
+    weight = ink(image)[0]
+    return float(np.concatenate([weight[0], weight[-1], weight[:, 0], weight[:, -1]]).mean())
 
 
 def edge_of(path):
@@ -267,7 +293,7 @@ def more_like_this(encode, decode_codes, catalogue, codes, args):
             also = f"  (also listed as {', '.join(others)})" if others else ""
             print(f"  {rank:2d}. {product_id:>8s}  {product_type:14s} {colour:10s} {title[:50]:50s} "
                   f"{similarity[row]:.3f}{also}")
-        show_rows([torch.cat([query[None], images[best]])], [name], f"More like {name}",
+        save_grid([torch.cat([query[None], images[best]])], [name], f"More like {name}",
                   args.out / f"query_{name}.png", ["query"] + [f"{similarity[row]:.3f}" for row in best])
         print(f"wrote {args.out / f'query_{name}.png'}")
     if len(queries) < len(args.query):
@@ -363,7 +389,7 @@ def find_duplicates(catalogue, codes, args):
     if members:  # each row labelled with its ProductIds
         labels = [f"group {n}:\n" + "\n".join(metadata.at[i, "ProductId"] for i in m.tolist()) for n, m in
                   enumerate(members, 1)]
-        show_rows([catalogue.images[m] for m in members], labels,
+        save_grid([catalogue.images[m] for m in members], labels,
                   "Duplicate listings: products whose codes are nearly identical", args.out / "duplicates.png")
         print(f"wrote {args.out / 'duplicates.png'}")
 

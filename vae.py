@@ -3,27 +3,27 @@
 An autoencoder squeezes a photo through a small code and rebuilds it. A VAE makes that code a
 *distribution*, so that the space of codes can be sampled to draw products nobody photographed:
 
-    encoder:          image x  ->  mu(x), logvar(x)          (a Gaussian q(z|x) per image)
-    reparameterize:   z = mu + sigma * eps,  eps ~ N(0, I),  sigma = exp(logvar / 2)
-    decoder:          z  ->  x_hat in [0, 1]                 (p(x|z) = N(x_hat, sigma^2) per pixel)
-    loss:             negative ELBO = reconstruction + beta * KL
-        reconstruction = -log p(x|z) = sum over pixels of (x_hat - x)^2 / (2 sigma^2) + D/2 log(2 pi sigma^2)
+    encoder:          image x  ->  mu(x), logvar(x)          (q(z|x) = N(mu, s^2): a Gaussian per image)
+    reparameterize:   z = mu + s * eps,  eps ~ N(0, I),  s = exp(logvar / 2)
+    decoder:          z  ->  x_hat in [0, 1]                 (p(x|z) = N(x_hat, sigma^2), each of D = 3 S^2 values)
+    loss:             reconstruction + beta * KL             (at beta = 1, the negative ELBO)
+        reconstruction = -log p(x|z) = sum over the D values of (x_hat - x)^2 / (2 sigma^2) + D/2 log(2 pi sigma^2)
         KL             = KL( q(z|x) || N(0, I) ), in closed form
     new products:     z ~ N(0, I), decoded
 
-Writing z as mu plus scaled noise moves the randomness into eps, so gradients flow into mu and
-sigma. The KL term pulls every image's Gaussian towards the standard normal: codes of similar
-products overlap instead of sitting far apart, and the space between them decodes to plausible
-products. beta weighs that pull: a small beta lets the code say more about each photo, a large one
-makes its space smoother, and numbers the decoder has little use for fall back to the prior.
+Writing z as mu plus scaled noise moves the randomness into eps, so gradients flow into mu and s.
+The KL term pulls every image's Gaussian towards the standard normal: codes of similar products
+overlap instead of sitting far apart, and the space between them decodes to plausible products.
+beta weighs that pull: a small beta lets the code say more about each photo, a large one makes its
+space smoother, and numbers the decoder has little use for fall back to the prior.
 
-The decoder's variance sigma^2 is a hidden beta: the textbook sum of squared errors fixes it at
-1/2, which weighs the KL ~100x too much on these photos. Here it is set to its best value, the
-batch's mean squared error (MSE): then the first term is D/2, and reconstruction = D/2 log(2 pi e
-MSE), the log of the error, below zero once MSE < 1/(2 pi e) = 0.059. So the printed losses are
-negative, and lower is still better. The KL rises for the first epochs, then settles: at first the
-decoder draws a blurred average and detail in the code buys little; as it learns to draw detail,
-and sigma^2 falls with its error, each nat the code spends buys more.
+The decoder's variance sigma^2, one number for all D values, is a hidden beta: the textbook sum of
+squared errors fixes it at 1/2, which weighs the KL ~100x too much on these photos. Here it is set
+to its best value, the batch's mean squared error (MSE): then the first term is D/2, and
+reconstruction = D/2 log(2 pi e MSE), below zero once MSE < 1/(2 pi e) = 0.059. So the printed
+losses are negative, and lower is still better. The KL rises for the first epochs, then settles: at
+first the decoder draws a blurred average and detail in the code buys little; as it learns to draw
+detail, and sigma^2 falls with its error, each nat the code spends buys more.
 
 Sampling, in the textbook's order (below): z ~ N(0, I) draws smudges here. Each code number alone is
 close to N(0, 1), but they are correlated: along their main directions the codes spread from ten
@@ -45,10 +45,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import (REPO, add_run_flags, average_colour, check_flags, chosen_mixture, divergence_limit,
-                    draw_code_space, end_epoch, epoch_row, load_catalogue, log_epoch, one_cycle, plot_curves,
-                    prepare_out, product_kinds, resume_training, save_images, show_rows, square_root, start_run,
-                    stop_cleanly)
+from common import REPO, average_colour, load_catalogue, product_kinds  # the photos
+# The run's books and its figures, written once for the three scripts: none of them is the lesson.
+from bookkeeping import (add_run_flags, check_epoch, check_flags, divergence_limit, end_epoch, ends_cleanly,
+                         log_epoch, one_cycle, prepare_out, restore, resume_training, start_run, stop_cleanly)
+from figures import draw_code_space, plot_curves, save_grid, save_images
 import shop
 
 
@@ -69,16 +70,15 @@ def parse_args(argv=None):
     return check_flags(parser, parser.parse_args(argv))
 
 
-ADAM_BETAS = (0.9, 0.99)  # a shorter memory of squared gradients than the usual 0.999: steps adapt faster
+ADAM_BETAS = (0.95, 0.99)  # momentum: one cycle moves it 0.95 -> 0.85 -> 0.95; 0.99 < the usual 0.999: faster steps
 WARMUP = 0.2  # the share of the steps over which the learning rate climbs to --lr
 SNAPSHOTS = (1, 2, 5, 10, 20)  # the epochs (and the last) after which samples_by_epoch.png draws samples
-LOGVAR_LIMIT = 8  # the encoder's log sigma^2 stays within (-8, 8): sigma from 0.02 to 55
+LOGVAR_LIMIT = 8  # the encoder's log s^2 stays within (-8, 8): its spread s from 0.02 to 55
 ACTIVE = 0.01  # a code dimension whose mean varies more than this across photos is active (active_units)
 RIDGE = 1e-3  # added to the fitted covariance of the codes, so that it can be inverted
 GUIDANCE = 1.0  # how much further from the average product one kind's new products are drawn (one_kind)
 SCRIPT = Path(__file__).name  # saved in the checkpoint, so that another script's model is refused
 MODEL_FLAGS = ("latent_dim", "image_size", "beta")  # what the model is: always taken from a checkpoint
-TRAINING_FLAGS = ("epochs", "batch_size", "lr", "seed")  # how it was trained: taken from it by --resume
 
 
 # ----------------------------------------------------------------------------- model
@@ -137,7 +137,8 @@ class VAE(nn.Module):
 
 # ----------------------------------------------------------------------------- loss
 def vae_loss(recon, images, mu, logvar, beta=1.0):
-    """Negative ELBO per image, averaged over the batch: {"loss", "reconstruction", "kl", "variance"}.
+    """reconstruction + beta x KL per image (at beta 1 the negative ELBO), averaged over the batch:
+    {"loss", "reconstruction", "kl", "variance"}.
 
     Both terms are sums per image (over its pixels, over its latent dimensions), so they are on
     the same scale and beta means what it says; then each is averaged over the batch.
@@ -150,8 +151,8 @@ def vae_loss(recon, images, mu, logvar, beta=1.0):
     pixels = images[0].numel()  # D
     variance = (squared_error.mean() / pixels).detach().clamp_min(1e-6)
     reconstruction = (squared_error / (2 * variance) + pixels / 2 * torch.log(2 * math.pi * variance)).mean()
-    # KL(N(mu, sigma^2) || N(0, 1)) = -1/2 * sum_latent (1 + log sigma^2 - mu^2 - sigma^2)
-    # (Kingma & Welling 2014, appendix B); it is >= 0 and 0 only when mu = 0 and sigma = 1.
+    # KL(N(mu, s^2) || N(0, 1)) = -1/2 * sum_latent (1 + log s^2 - mu^2 - s^2), with logvar = log s^2
+    # (Kingma & Welling 2014, appendix B); it is >= 0 and 0 only when mu = 0 and s = 1.
     kl = (-0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(dim=1)).mean()
     return {"loss": reconstruction + beta * kl, "reconstruction": reconstruction, "kl": kl, "variance": variance}
 
@@ -205,18 +206,17 @@ def train_model(model, train_images, train_kinds, test_images, history, samples_
         # pixels are white background, which would take the first steps alone (clamped: white's logit is inf).
         with torch.no_grad():
             model.decoder[-2].bias.copy_(torch.logit(colour).clamp(-5, 5))
-    # Past this test loss the run has diverged (epoch_row stops it): a flat picture of that colour with
-    # twice its error, and a code that says nothing (mu = 0, log sigma^2 = 0: a KL of 0).
-    nothing = torch.zeros(1, args.latent_dim)
-    limit = divergence_limit(lambda recon, images: vae_loss(recon, images, nothing, nothing)["loss"], colour,
-                             test_images)
+    # Past this test loss the run has diverged (check_epoch stops it): a flat picture of that colour with
+    # twice its error, and a code that says nothing (mu = 0, log s^2 = 0: a KL of 0).
+    zero = torch.zeros(1, args.latent_dim)
+    limit = divergence_limit(lambda recon, photos: vae_loss(recon, photos, zero, zero)["loss"], colour, test_images)
     started, first, code_distribution = time.time(), len(history) + 1, None
     with stop_cleanly(args):
         for epoch in range(first, args.epochs + 1):
             tick = time.time()
             train = run_epoch(model, train_images, args, optimizer, generator, schedule)
             test = run_epoch(model, test_images, args)
-            row = epoch_row(epoch, train, test, time.time() - tick, len(train_images), args, limit)
+            row = check_epoch(epoch, train, test, time.time() - tick, len(train_images), args, limit)
             if epoch in SNAPSHOTS or epoch == args.epochs:  # training at work: where the codes are now
                 fitted = fit_code_distribution(encode_all(model, train_images, args), train_kinds)
                 samples_by_epoch.append((epoch, decode_samples(model, fitted["kinds"], 10, args.seed + 1, args)))
@@ -231,12 +231,8 @@ def train_model(model, train_images, train_kinds, test_images, history, samples_
 @torch.no_grad()
 def encode_all(model, images, args):
     """Latent codes of a set of photos (uint8), in batches: (N, latent). A VAE's code is its mean mu."""
-    model.eval()
-    codes = []
-    for batch in images.split(args.batch_size):
-        batch = batch.to(args.device, memory_format=torch.channels_last).float() / 255
-        codes.append(model.encode(batch)[0])
-    return torch.cat(codes).float().cpu()
+    batches = (batch.to(args.device, memory_format=torch.channels_last) for batch in images.split(args.batch_size))
+    return torch.cat([model.eval().encode(batch.float() / 255)[0] for batch in batches]).float().cpu()
 
 
 @torch.no_grad()
@@ -290,6 +286,16 @@ def one_kind(code_distribution, kind):
     return {kind: {**own, "mean": own["mean"] + GUIDANCE * (own["mean"] - centre)}}
 
 
+def square_root(covariance):
+    """L with L L^T = covariance: Cholesky's, or where rounding left it not quite positive definite (a
+    run that blew up, whose codes' spread swallows the ridge), the symmetric root without its negatives."""
+    root, failed = torch.linalg.cholesky_ex(covariance)
+    if not failed:
+        return root
+    values, vectors = torch.linalg.eigh(covariance.double())
+    return (vectors * values.clamp_min(0).sqrt()).to(covariance.dtype)
+
+
 def sample_codes(mixture, count, generator):
     """`count` codes from a mixture of Gaussians ({name: {mean, covariance, weight}}): each code's
     Gaussian drawn by weight, then z = mean + L eps, eps ~ N(0, I), with L L^T = covariance."""
@@ -311,7 +317,7 @@ def decode_samples(model, mixture, count, seed, args):
 
 def write_samples(model, code_distribution, count, args):
     """`count` new products as PNG files in OUT/samples/: of --product-type, or of every type."""
-    mixture = chosen_mixture(code_distribution, args.product_type, one_kind)  # {type: its Gaussian}
+    mixture = shop.chosen_mixture(code_distribution, args.product_type, one_kind)  # {type: its Gaussian}
     save_images(decode_samples(model, mixture, count, args.seed + 2, args), args.out / "samples", args.product_type)
 
 
@@ -321,45 +327,39 @@ def write_samples(model, code_distribution, count, args):
 def make_figures(model, catalogue, history, code_distribution, samples_by_epoch, args):
     """Every figure of a trained model. Returns its active units, counted on the test photos' codes."""
     tag = " [SYNTHETIC catalogue]" if catalogue.synthetic else ""  # so no one mistakes it for real results
-
     encode, decode = partial(encode_all, model, args=args), partial(decode_all, model, args=args)
     codes = encode(catalogue.images)  # (N, latent): every product's mean code mu
     active = active_units(codes[catalogue.test_index])
     rows, labels = shop.sample_rows(lambda mixture: decode_samples(model, mixture, 10, args.seed, args),
                                     code_distribution, one_kind)
     prior = decode_prior(model, 10, args.seed, args)  # the textbook's way first, then the fitted Gaussians
-    show_rows([prior, *rows], ["prior N(0, I)", *labels], "New products from the prior, a Gaussian fitted to the "
+    save_grid([prior, *rows], ["prior N(0, I)", *labels], "New products from the prior, a Gaussian fitted to the "
               "codes, one Gaussian per type" + tag, args.out / "samples.png")
-    plot_curves(history, {"loss": "negative ELBO per image", "reconstruction": "reconstruction per image",
-                          "kl": "KL per image (rises as the decoder learns detail)",
+    plot_curves(history, {"loss": f"loss per image: reconstruction + {args.beta:g} x KL",
+                          "reconstruction": "reconstruction per image", "kl": "KL per image (rises, then settles)",
                           "variance": "decoder variance sigma^2"}, args.out / "loss_curves.png", log=("variance",))
-    draw_code_space("VAE", codes, decode, product_kinds(catalogue), catalogue, active, ACTIVE, True, tag, args.out)
-    shop.figures(samples_by_epoch, "VAE", encode, decode, codes, catalogue, tag, args)
+    draw_code_space("VAE", codes, decode, catalogue, active, ACTIVE, tag, args.out, prior=True)
+    shop.draw_figures(samples_by_epoch, "VAE", encode, decode, codes, catalogue, tag, args)
     return active
 
 
+@ends_cleanly  # Ctrl-C anywhere ends in one line, and the --out it held is let go
 def main(argv=None):
     args = parse_args(argv)
     tool = args.query is not None or args.duplicates is not None
-    checkpoint, state = start_run(SCRIPT, args, vars(parse_args([])), MODEL_FLAGS, TRAINING_FLAGS,
+    checkpoint, state = start_run(SCRIPT, args, vars(parse_args([])), MODEL_FLAGS,
                                   load=args.figures_only or args.resume or tool)
     model = VAE(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)
-    if state:
-        model.load_state_dict(state["state_dict"])
-    history = state["history"] if state else []
-    code_distribution = state.get("code_distribution") if state else None
-    samples_by_epoch = state["samples_by_epoch"] if state else []  # [(epoch, images)], kept in the checkpoint
+    history, code_distribution, samples_by_epoch = restore(model, state)  # from the checkpoint, if any
     if args.figures_only and args.num_samples:  # the checkpoint is all that sampling needs: no photos, no figures
         return write_samples(model, code_distribution, args.num_samples, args)
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
-    kinds = product_kinds(catalogue)
-    train_kinds = [kinds[i] for i in catalogue.train_index.tolist()]
+    train_kinds = product_kinds(catalogue, catalogue.train_index)
     prepare_out(SCRIPT, args, catalogue, state, training=not (args.figures_only or tool))
     if tool:
-        return shop.run_tools(partial(encode_all, model, args=args), partial(decode_all, model, args=args),
-                              catalogue, checkpoint, args)
-
+        return shop.run_tools(partial(encode_all, model, args=args), partial(decode_all, model, args=args), catalogue,
+                              checkpoint, args)
     if not args.figures_only:
         code_distribution = train_model(model, train_images, train_kinds, test_images, history, samples_by_epoch,
                                         state, args)
@@ -369,10 +369,11 @@ def main(argv=None):
     if args.num_samples:
         write_samples(model, code_distribution, args.num_samples, args)
     final = run_epoch(model, test_images, args)
-    print(f"test (z = mu): negative ELBO {final['loss']:.1f} = reconstruction {final['reconstruction']:.1f} + "
-          f"{args.beta} x KL {final['kl']:.1f}, PSNR {final['psnr']:.2f} dB, {active} of {args.latent_dim} code "
-          f"dimensions active; figures in {args.out}/" + (" (a SYNTHETIC catalogue: not real results)" if
-                                                           catalogue.synthetic else ""))
+    rec, kl = final["reconstruction"], final["kl"]  # the negative ELBO is rec + kl; the loss weighs kl by --beta
+    print(f"test (z = mu): negative ELBO {rec + kl:.1f} = reconstruction {rec:.1f} + KL {kl:.1f}"
+          + (f" (the loss: {rec:.1f} + {args.beta:g} x {kl:.1f} = {final['loss']:.1f})" if args.beta != 1 else "")
+          + f", PSNR {final['psnr']:.2f} dB, {active} of {args.latent_dim} code dimensions active; figures in "
+          f"{args.out}/" + (" (a SYNTHETIC catalogue: not real results)" if catalogue.synthetic else ""))
 
 
 if __name__ == "__main__":

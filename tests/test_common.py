@@ -169,9 +169,9 @@ def test_real_photos_upscaled_to_full_size_are_framed_the_same(tmp_path):
 def test_second_load_uses_the_cache_and_a_touched_file_rebuilds_it(tmp_path, monkeypatch):
     root = make_kaggle_layout(tmp_path / "data")
     decoded = []
-    original_decode_all = common.decode_all
-    monkeypatch.setattr(common, "decode_all",
-                        lambda paths, size: decoded.extend(paths) or original_decode_all(paths, size))
+    original_decode_files = common.decode_files
+    monkeypatch.setattr(common, "decode_files",
+                        lambda paths, size: decoded.extend(paths) or original_decode_files(paths, size))
     first = load(root, tmp_path)
     assert len(decoded) == 12
     second = load(root, tmp_path)

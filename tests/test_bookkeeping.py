@@ -1,4 +1,4 @@
-"""What the three scripts share about a run: --resume, --checkpoint, metrics.csv, Ctrl-C."""
+"""bookkeeping.py, through the three scripts: --resume, --checkpoint, --out, metrics.csv, Ctrl-C, divergence."""
 
 import csv
 import math
@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import ae
+import bookkeeping
 import common
 import dae
 import vae
@@ -152,7 +153,7 @@ def test_a_checkpoint_from_another_script_is_a_clear_error(tmp_path):
     torch.save({"script": "ae.py", "state_dict": {}, "args": {}}, path)
     args = vae.parse_args(["--checkpoint", str(path), "--figures-only"])
     with pytest.raises(SystemExit, match="saved by ae.py, not by vae.py"):
-        common.load_checkpoint(path, "vae.py", args, vars(vae.parse_args([])), vae.MODEL_FLAGS)
+        bookkeeping.load_checkpoint(path, "vae.py", args, vars(vae.parse_args([])), vae.MODEL_FLAGS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda module: module.__name__)
@@ -195,7 +196,7 @@ def test_the_decoder_starts_out_drawing_the_training_photos_average_colour(scrip
 def test_the_one_cycle_schedule_takes_any_number_of_steps(steps):
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.Adam([parameter], lr=1.0)
-    schedule = common.one_cycle(optimizer, 1.0, steps, 0.2)  # 5 steps: a climb of one step, 0/0 in PyTorch's
+    schedule = bookkeeping.one_cycle(optimizer, 1.0, steps, 0.2)  # 5 steps: a climb of one step, 0/0 in PyTorch's
     rates = []  # the rate each step is taken at
     for _ in range(steps):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -227,12 +228,13 @@ def test_a_run_that_diverges_stops_with_one_line_and_keeps_the_last_good_epoch(s
                                             r"10\. no epoch finished, so no model was saved", message), message
     assert (out / "model.pt").read_bytes() == good  # the model that was there is not lost
     # Diverging in epoch 2 keeps epoch 1: a limit that the first epoch meets and the second does not.
-    epoch_row = common.epoch_row
+    check_epoch = bookkeeping.check_epoch
 
-    def judged(epoch, train, test, seconds, count, args, limit):
-        return epoch_row(epoch, train, test, seconds, count, args, -math.inf if epoch == 2 else math.inf)
+    def judged(epoch, train, test, seconds, count, args, limit):  # the same limit, moved below or above every loss
+        moved = {**limit, "loss": -math.inf if epoch == 2 else math.inf}
+        return check_epoch(epoch, train, test, seconds, count, args, moved)
 
-    monkeypatch.setattr(script, "epoch_row", judged)
+    monkeypatch.setattr(script, "check_epoch", judged)
     with pytest.raises(SystemExit, match=f"diverged in epoch 2 .* {out / 'model.pt'} still holds the model of "
                                          f"epoch 1"):
         script.main([*smoke_flags, "--epochs", "2", "--overwrite"])
@@ -248,8 +250,14 @@ def test_the_divergence_limit_is_a_flat_picture_of_the_average_colour_with_twice
     def summed_squares(recon, images):
         return ((recon - images) ** 2).flatten(1).sum(1).mean()
 
-    limit = common.divergence_limit(summed_squares, colour, photos, block=2)  # blocks of 2, 2 and 1
-    assert limit == pytest.approx(2 * flat_error.item(), rel=1e-5)
+    limit = bookkeeping.divergence_limit(summed_squares, colour, photos, block=2)  # blocks of 2, 2 and 1
+    assert limit["loss"] == pytest.approx(2 * flat_error.item(), rel=1e-5)
+    assert limit["start"] == "a flat picture of the photos' average colour"
+    # A denoiser whose noisy input is worse than the flat picture: the noisy input sets the limit, and is named.
+    worse = bookkeeping.divergence_limit(summed_squares, colour, photos, corrupt=lambda images: 1 - images)
+    noisy_error = ((1 - 2 * images) ** 2).flatten(1).sum(1).mean()
+    assert noisy_error > flat_error and worse["start"] == "the noisy input itself"
+    assert worse["loss"] == pytest.approx(2 * noisy_error.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda module: module.__name__)
