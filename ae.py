@@ -64,7 +64,7 @@ WARMUP = 0.2  # the share of the steps over which the learning rate climbs to --
 SHIFT = 2  # training photos are moved by up to this many pixels each way
 SNAPSHOTS = (1, 2, 5, 10, 20)  # the epochs (and the last) after which samples_by_epoch.png draws samples
 ACTIVE = 0.01  # a code dimension whose mean varies more than this across photos is active (active_units)
-RIDGE = 1e-3  # added to the fitted covariance of the codes, so that it can be inverted
+RIDGE = 1e-3  # added to a fitted covariance of the codes, so that it stays positive definite (square_root)
 GUIDANCE = 1.0  # how much further from the average product one kind's new products are drawn (one_kind)
 SCRIPT = Path(__file__).name  # saved in the checkpoint, so that another script's model is refused
 MODEL_FLAGS = ("latent_dim", "image_size")  # what the model is: always taken from a checkpoint
@@ -235,7 +235,7 @@ def active_units(codes, threshold=ACTIVE):
 
 
 def fit_gaussian(codes, ridge=RIDGE):
-    """The mean and full covariance of a set of codes (N, latent); the ridge keeps it invertible."""
+    """The mean and full covariance of a set of codes (N, latent); the ridge keeps it positive definite."""
     covariance = torch.cov(codes.T) if len(codes) > 1 else torch.zeros(codes.shape[1], codes.shape[1])
     return {"mean": codes.mean(0), "covariance": covariance + ridge * torch.eye(codes.shape[1]), "weight": 1.0}
 
@@ -314,7 +314,7 @@ def make_figures(model, catalogue, history, code_distribution, samples_by_epoch,
                                     code_distribution, one_kind)
     box = decode_box(model, codes[catalogue.train_index], 10, args.seed, args)
     save_grid([box, *rows], ["box of the codes", *labels], "New products from the box of the codes, a Gaussian fitted "
-              "to the codes, one Gaussian per type" + tag, args.out / "samples.png")
+              "to the codes, one Gaussian per type, and the commonest types set apart" + tag, args.out / "samples.png")
     plot_curves(history, {"loss": "reconstruction loss per image", "psnr": "PSNR (dB)"}, args.out / "loss_curves.png",
                 log=("loss",))
     draw_code_space("AE", codes, decode, catalogue, active, ACTIVE, tag, args.out, prior=False)
@@ -335,7 +335,7 @@ def main(argv=None):
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
     train_kinds = product_kinds(catalogue, catalogue.train_index)
-    prepare_out(SCRIPT, args, catalogue, state, training=not (args.figures_only or tool))
+    prepare_out(args, catalogue, state)
     if tool:
         return shop.run_tools(partial(encode_all, model, args=args), partial(decode_all, model, args=args), catalogue,
                               checkpoint, args)

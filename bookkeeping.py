@@ -34,14 +34,15 @@ def flag_name(key):
 
 def add_run_flags(parser, out, tools):
     """The flags that say where a run reads and writes, and what it does with a saved model."""
-    parser.add_argument("--data", default=None, help="folder of photos; if not given, the repo's data/ "
-                                                        "(a synthetic catalogue if it holds none)")
+    parser.add_argument("--data", default=None, help="folder of photos, or 'synthetic' for the drawn catalogue; if "
+                        "not given, the repo's data/, where the first run downloads the dataset")
     parser.add_argument("--out", type=Path, default=out, help="where figures and model.pt go")
     parser.add_argument("--overwrite", action="store_true", help="train over a model already in --out")
     parser.add_argument("--device", default=None, help="cpu, cuda or mps; if not given, the best available")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (for GPUs, CPUs with AMX)")
     parser.add_argument("--figures-only", action="store_true", help="load the checkpoint, redraw, no training")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from the checkpoint")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint "
+                        "(OUT/model.pt, or --checkpoint's, left as it is) into --out, which holds no model or that run")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="the model --figures-only, --resume or a tool loads; if not given, OUT/model.pt")
     if tools:  # ae.py and vae.py: sampling, and search on the model's codes
@@ -73,24 +74,28 @@ def check_flags(parser, args):
     return args
 
 
-TRAINING_FLAGS = ("epochs", "batch_size", "lr", "seed")  # how a run was trained: taken from its checkpoint by --resume
+TRAINING_FLAGS = ("epochs", "batch_size", "lr", "seed", "data")  # how a run was trained: --resume takes them from it
 
 
 def start_run(script, args, defaults, model_flags, load):
     """Print the command that reruns this run, hold --out (hold_out) unless the run is a tool's, load
-    the checkpoint when `load` (checked before the photos are read, so a wrong file fails at once),
-    seed, pick the device. Returns the checkpoint's path and its contents (None when nothing was loaded)."""
+    the checkpoint when `load` and make sure training destroys no model (guard_out), all before the
+    photos are read, so that a wrong command fails at once; seed, pick the device. Returns the
+    checkpoint's path and its contents (None when nothing was loaded)."""
     def value(v):  # as a shell reads it back: a list as its items, a name with spaces quoted
         return " ".join(shlex.quote(str(item)) for item in (v if isinstance(v, list) else [v]))
 
     print("python", script, *[flag_name(k) + ("" if v is True else f" {value(v)}") for k, v in vars(args).items()
                               if v != defaults[k] and k != "data"], "--data", shlex.quote(str(data_folder(args.data))))
-    if not any(getattr(args, tool, None) is not None for tool in ("query", "duplicates", "clean")):
+    tool = any(getattr(args, flag, None) is not None for flag in ("query", "duplicates", "clean"))
+    if not tool:
         hold_out(args.out)  # every run that writes its model, metrics or figures; the tools write files of their own
     checkpoint = args.checkpoint or args.out / "model.pt"
     flags = model_flags + (TRAINING_FLAGS if args.resume else ())
     given = "--checkpoint" if args.checkpoint else "--out"  # the flag that named the file, for its errors
     state = load_checkpoint(checkpoint, script, args, defaults, flags, given) if load else None
+    if not (tool or args.figures_only):
+        guard_out(script, args, state)
     torch.manual_seed(args.seed)
     # Numbers below ~1e-38 ("denormals") take a slow path in x86 CPUs, and a well-trained model's
     # gradients hold many of them; flushed to zero they change nothing visible.
@@ -120,10 +125,15 @@ def load_checkpoint(path, script, args, defaults, flags, given="--checkpoint"):
     the command line sets to another value than the saved one is an error naming it."""
     state, restored = read_checkpoint(path, script, given), []
     for flag in flags:
-        saved, given = state["args"][flag], getattr(args, flag)
+        saved, given = state["args"].get(flag), getattr(args, flag)
+        if flag == "data" and given is not None:  # the photos may have moved: resume_training checks they match
+            continue
         if given != saved and given != defaults[flag]:
+            why = (" (--resume finishes a run's own schedule, whose learning rate falls to ~0 at its last epoch and "
+                   f"cannot be stretched; to train {given} epochs, train anew with --overwrite or another --out)"
+                   if flag == "epochs" else "")
             raise SystemExit(f"error: --checkpoint {path} was trained with {flag_name(flag)} {saved}, but this run "
-                             f"asks for {given}; leave {flag_name(flag)} out or pass {saved}")
+                             f"asks for {given}; leave {flag_name(flag)} out or pass {saved}{why}")
         if given != saved:
             setattr(args, flag, saved)
             restored.append(f"{flag_name(flag)} {saved}")
@@ -150,11 +160,41 @@ def same_run(earlier, later):
     return later["history"][:len(earlier["history"])] == earlier["history"]
 
 
-def prepare_out(script, args, catalogue, state, training):
-    """Record what the model is trained on, and make sure that training into --out destroys no
-    model: not another script's, and not a run of this one unless --overwrite says so. --resume
-    continues the checkpoint's run into --out when --out holds no model, or that same run at or
-    before the checkpoint's epoch (the checkpoint itself, say); the checkpoint's file is never written."""
+def guard_out(script, args, state):
+    """Make sure that training into --out destroys no model: not another script's, and not a run of
+    this one unless --overwrite says so. --resume continues the checkpoint's run into --out when --out
+    holds no model, or that same run at or before the checkpoint's epoch (the checkpoint itself, say);
+    the checkpoint's own file is never written. A finished run has nothing to resume: it is redrawn."""
+    target = args.out / "model.pt"
+    try:
+        found = torch.load(target, map_location="cpu", weights_only=True) if target.is_file() else {"script": script}
+    except Exception as error:
+        if not args.overwrite:
+            raise SystemExit(f"error: --out {args.out}: its model.pt is not a readable checkpoint "
+                             f"({error.__class__.__name__}); pass another --out, or --overwrite to replace it")
+        found = {"script": script}
+    if found.get("script") != script:
+        raise SystemExit(f"error: --out {args.out} holds a model of {found.get('script')}; train {script} into "
+                         f"another --out (or delete {target} first)")
+    if "history" in found and not args.overwrite:
+        done = f"{len(found['history'])} of {found['args']['epochs']} epochs"
+        if not args.resume:
+            raise SystemExit(f"error: --out {args.out} holds a model of {script} ({done}); pass another --out, "
+                             f"--resume to continue it, or --overwrite to replace it")
+        if not same_run(found, state):
+            ahead = same_run(state, found)  # the checkpoint is an earlier state of the run in --out
+            raise SystemExit(f"error: --out {args.out} holds " + (f"this run further along ({done}); continue it "
+                             f"with --resume --out {args.out}" if ahead else f"another model of {script} ({done}"
+                             f"{', finished' if finished(found) else ''}), which resuming {args.checkpoint} there "
+                             f"would replace; pass an empty --out, or --overwrite to replace it"))
+    if args.resume and finished(state):
+        print(f"note: {args.checkpoint or target} has finished all {len(state['history'])} epochs: nothing to "
+              f"resume, so this run only redraws its figures (as --figures-only does)")
+        args.figures_only = True
+
+
+def prepare_out(args, catalogue, state):
+    """Record what the model is trained on (and say so if it is not what the checkpoint saw), make --out."""
     args.catalogue = {"folder": str(catalogue.folder), "synthetic": catalogue.synthetic,
                       "photos": len(catalogue.images)}
     trained_on = state["args"].get("catalogue") if state else None
@@ -162,31 +202,18 @@ def prepare_out(script, args, catalogue, state, training):
         kind = {True: "the synthetic catalogue", False: "real photos"}
         print(f"note: this model was trained on {kind[trained_on['synthetic']]} ({trained_on['folder']}); "
               f"this run shows it {kind[catalogue.synthetic]}")
-    target = args.out / "model.pt"
-    if training and target.is_file():
-        found = torch.load(target, map_location="cpu", weights_only=True)
-        if found.get("script") != script:
-            raise SystemExit(f"error: --out {args.out} holds a model of {found.get('script')}; train {script} into "
-                             f"another --out (or delete {target} first)")
-        done = f"{len(found['history'])} of {found['args']['epochs']} epochs"
-        if args.resume and not args.overwrite and not same_run(found, state):
-            ahead = same_run(state, found)  # the checkpoint is an earlier state of the run in --out
-            raise SystemExit(f"error: --out {args.out} holds " + (f"this run further along ({done}); continue it "
-                             f"with --resume --out {args.out}" if ahead else f"another model of {script} ({done}"
-                             f"{', finished' if finished(found) else ''}), which resuming {args.checkpoint} there "
-                             f"would replace; pass an empty --out, or --overwrite to replace it"))
-        if not args.resume and not args.overwrite:
-            raise SystemExit(f"error: --out {args.out} holds a model of {script} ({done}); pass another --out, "
-                             f"--resume to continue it, or --overwrite to replace it")
-    if args.resume and state and finished(state):
-        print(f"note: {args.checkpoint or target} has finished all {len(state['history'])} epochs: nothing to "
-              f"resume, so this run only redraws its figures (as --figures-only does)")
-        args.figures_only = True
     args.out.mkdir(parents=True, exist_ok=True)
 
 
 def resume_training(state, optimizer, schedule, generator, args):
     """Everything the next epoch depends on, so that a resumed run ends as an uninterrupted one."""
+    length = "total_steps" if hasattr(schedule, "total_steps") else "T_max"  # one cycle's, or a cosine's
+    steps, saved = getattr(schedule, length), state["schedule"][length]
+    if steps != saved:  # other photos, so other batches: the schedule cannot go on
+        trained_on = state["args"].get("catalogue", {})
+        raise SystemExit(f"error: --resume: the checkpoint was trained on {trained_on.get('photos')} photos in "
+                         f"{trained_on.get('folder')} ({saved} steps in all), and this run reads others ({steps} "
+                         f"steps); pass the --data it was trained on")
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     generator.set_state(state["batch_rng"])

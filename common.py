@@ -7,10 +7,11 @@
     catalogue.test_index    # indices of the test products (10 %), the same for every script and size
     catalogue.groups        # (N,) group id: photos that are near-identical copies share one
 
-Each photo is decoded, its white margin cropped, padded to a white square (never stretched) and
-resized. The result is cached in data/processed/, so only the first run pays for decoding. The
-photos stay bytes (0-255), a quarter of the memory of floats: a catalogue of 44,000 photos at
-128 px is 2.2 GB as bytes, 8.7 GB as float32. A model makes each batch floats when it reads it.
+The first run downloads the dataset into data/ (download.py). Each photo is decoded, its white
+margin cropped, padded to a white square (never stretched) and resized. The result is cached in
+data/processed/, so only the first run pays for decoding. The photos stay bytes (0-255), a quarter
+of the memory of floats: a catalogue of 44,000 photos at 128 px is 2.2 GB as bytes, 8.7 GB as
+float32. A model makes each batch floats when it reads it.
 
 The dataset lists some photos under several ProductIds (byte-identical files, or the same photo
 re-encoded). A copy of a test photo in the training set would make the test score a memory test,
@@ -35,11 +36,13 @@ import pandas as pd
 import torch
 from PIL import Image, ImageChops, ImageDraw
 from torch.nn import functional as F
+from tqdm import tqdm  # comes with kagglehub
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
 REPO = Path(__file__).resolve().parent
 DEFAULT_DATA = REPO / "data"  # the repo's own data/, wherever the scripts are started from
 CACHE_DIR = REPO / "data" / "processed"
+SYNTHETIC = "synthetic"  # --data synthetic: the drawn catalogue, on purpose
 # The metadata every catalogue has, empty where a photo's is unknown (see read_metadata).
 COLUMNS = ["Gender", "Category", "SubCategory", "ProductType", "Colour", "Usage", "ProductTitle"]
 MIN_TRAIN, MIN_TEST = 2, 1  # products a run needs on each side of the split
@@ -166,9 +169,10 @@ def decode(path, size):
 
 # ----------------------------------------------------------------------------- a folder
 def find_images(root):
-    """Every image file under root, at any depth, in a fixed (sorted) order."""
+    """Every image file under root, at any depth but in hidden folders, in a fixed (sorted) order."""
     found = []
-    for folder, _, names in os.walk(root, followlinks=True):  # a linked-in dataset counts too
+    for folder, subfolders, names in os.walk(root, followlinks=True):  # a linked-in dataset counts too
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]  # a download still under way
         found += [Path(folder, name) for name in names if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
     return sorted(found)
 
@@ -212,10 +216,13 @@ def decode_files(paths, size):
     # lock (measured: two threads decode barely faster than one). Processes keep every core busy;
     # each is handed the files 64 at a time.
     pixels, kept, count = np.empty((len(paths), size, size, 3), np.uint8), np.zeros(len(paths), bool), 0
-    with ProcessPoolExecutor(min(os.cpu_count() or 1, 8, len(paths))) as pool:
+    # tqdm draws a progress bar on a terminal (44,000 photos take minutes), and nothing in a log.
+    with ProcessPoolExecutor(min(os.cpu_count() or 1, 8, len(paths))) as pool, \
+            tqdm(total=len(paths), unit=" photos", disable=None, leave=False) as progress:
         for i, array in enumerate(pool.map(decode, paths, [size] * len(paths), chunksize=64)):
             if array is not None:
                 pixels[count], kept[i], count = array, True, count + 1
+            progress.update()
     return pixels[:count], kept
 
 
@@ -332,19 +339,25 @@ def data_folder(data=None):
 
 
 def load_catalogue(data=None, image_size=64, cache_dir=None):
-    """Load a folder of product photos (default data/); with no folder given and no images in
-    data/, fall back to a synthetic catalogue so the scripts still run."""
+    """Load a folder of product photos: --data, or the repo's data/, where the first run downloads the
+    Kaggle dataset (download.py). --data synthetic, or a download that cannot happen, gives the drawn
+    catalogue instead, and says so."""
     root = data_folder(data)
-    if data is not None and not root.is_dir():
+    if data not in (None, SYNTHETIC) and not root.is_dir():
         raise SystemExit(f"error: --data {root}: no such folder")
-    loaded = load_folder(root, image_size, cache_dir or CACHE_DIR) if root.is_dir() else None
-    if loaded is None and data is not None:
+    loaded = load_folder(root, image_size, cache_dir or CACHE_DIR) if data != SYNTHETIC and root.is_dir() else None
+    if loaded is None and data is None:  # the repo's data/ holds no photos: the first run downloads them
+        from download import fetch_dataset  # imported here: download.py reads folders with this module's functions
+
+        if fetch_dataset(root):
+            loaded = load_folder(root, image_size, cache_dir or CACHE_DIR)
+    if loaded is None and data not in (None, SYNTHETIC):
         raise SystemExit(f"error: --data {root}: no .jpg/.jpeg/.png/.webp images in this folder")
     synthetic = loaded is None
     if synthetic:
-        print(f"notice: no images in {root}/, so this run uses a SYNTHETIC catalogue of simple drawn "
-              f"products.\n  For real results, download the Kaggle dataset vikashrajluhaniwal/fashion-images "
-              f"and unzip it so that {root}/fashion.csv and {root}/Apparel/ exist.")
+        print(f"notice: this run uses a SYNTHETIC catalogue of 600 simple drawn products"
+              + (" (--data synthetic)" if data == SYNTHETIC else f", as {root}/ holds no photos") + "; its "
+              f"results are not those of real photos")
         loaded = synthetic_catalogue(image_size)
     pixels, metadata, groups = loaded
     copies = np.bincount(groups)[groups] > 1
@@ -428,19 +441,13 @@ def average_colour(photos, block=1024):
 # ----------------------------------------------------------------------------- device
 def select_device(name=None):
     """cuda, then mps, then cpu, unless `name` (the --device flag) picks one; printed once."""
-    if name is None:
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = name or next(kind for kind, there in available.items() if there)
     try:
         device = torch.device(name)
     except RuntimeError:
         raise SystemExit(f"error: --device {name}: unknown device (use cpu, cuda, cuda:N or mps)") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if device.type not in available or not available[device.type]:
+    if not available.get(device.type):
         raise SystemExit(f"error: --device {name}: not available on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise SystemExit(f"error: --device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")

@@ -19,7 +19,7 @@ as the AE's code) on four axes:
                      (and its reconstructions of the test photos of that type: what blur alone costs)
     cost             seconds per training epoch (median) and parameters, from each checkpoint
 
-Run:    python compare.py                        (after the three default runs)
+Run:    python compare.py                        (after the default runs; a model not trained is left out)
 Writes: out/compare/ - table.md (the table it prints), summary.json, same_products.png (the same
         8 test products from each model: model outputs only), classifier.pt (cached, seeded)
 """
@@ -53,9 +53,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name in SCRIPTS:
-        parser.add_argument(f"--{name}", type=Path, default=REPO / "out" / name / "model.pt",
-                            help=f"the checkpoint {name}.py wrote")
-    parser.add_argument("--data", default=None, help="folder of photos; if not given, the repo's data/")
+        parser.add_argument(f"--{name}", type=Path, default=None, help=f"the checkpoint {name}.py wrote; if not "
+                            f"given, out/{name}/model.pt, and the table leaves {name} out when there is none")
+    parser.add_argument("--data", default=None, help="folder of photos, or 'synthetic' for the drawn catalogue; "
+                                                        "if not given, the repo's data/")
     parser.add_argument("--out", type=Path, default=REPO / "out" / "compare", help="where the table and figure go")
     parser.add_argument("--samples", type=int, default=1000, help="generated images per model")
     parser.add_argument("--noise", type=float, default=0.1, help="standard deviation of the gaussian noise")
@@ -305,12 +306,19 @@ def main(argv=None):
     args = parse_args(argv)
     args.device = select_device(args.device)
     torch.set_flush_denormal(True)
-    loaded = {name: load_model(name, getattr(args, name), args.device) for name in SCRIPTS}
+    paths = {name: getattr(args, name) or REPO / "out" / name / "model.pt" for name in SCRIPTS}
+    missing = [name for name, path in paths.items() if getattr(args, name) is None and not path.is_file()]
+    if len(missing) == len(SCRIPTS):
+        raise SystemExit(f"error: no model to compare in {REPO / 'out'}/ae, dae or vae: train one (python vae.py), "
+                         f"or name one with --ae, --dae or --vae")
+    for name in missing:
+        print(f"note: {paths[name]} does not exist, so {name} is left out (python {name}.py trains it)")
+    loaded = {name: load_model(name, path, args.device) for name, path in paths.items() if name not in missing}
     sizes = {name: state["args"]["image_size"] for name, (_, state) in loaded.items()}
     if len(set(sizes.values())) > 1:
-        raise SystemExit("error: the three models were trained at different --image-size: " +
+        raise SystemExit("error: the models were trained at different --image-size: " +
                          ", ".join(f"{name} {size}" for name, size in sizes.items()))
-    catalogue = load_catalogue(args.data, sizes["ae"])
+    catalogue = load_catalogue(args.data, next(iter(sizes.values())))
     catalogue.images = catalogue.images.float() / 255  # every measure here works on floats in [0, 1]
     args.out.mkdir(parents=True, exist_ok=True)
     train_images = catalogue.images[catalogue.train_index]
@@ -325,7 +333,9 @@ def main(argv=None):
 
     candidates = {f"{name}.py": model_functions(name, model, args.device) for name, (model, _) in loaded.items()}
     candidates["raw pixels"] = {"encode": lambda images: (1 - images).flatten(1), "reconstruct": None, "decode": None}
-    components = loaded["ae"][1]["args"]["latent_dim"]
+    # PCA with as many numbers as the AE's code (else the VAE's): the best linear code of that size.
+    sized_by = next(name for name in ("ae", "vae", "dae") if name in loaded)
+    components = loaded[sized_by][1]["args"]["latent_dim"]
     candidates[f"PCA, {components} components"] = pca_functions(train_images, components)
     rows, outputs = [], {}
     for name, functions in candidates.items():

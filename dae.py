@@ -48,6 +48,10 @@ import shop
 
 
 # ----------------------------------------------------------------------------- hyperparameters
+NOISE_KINDS = ("gaussian", "salt-and-pepper", "occlusion", "jpeg")  # what --noise may name
+STRENGTHS = {"gaussian": 0.1, "salt-and-pepper": 0.1, "occlusion": 0.1, "jpeg": 0.4}  # each kind's test, by default
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -83,10 +87,6 @@ TABLE_PRODUCTS = 1000
 
 
 # ----------------------------------------------------------------------------- noise
-NOISE_KINDS = ("gaussian", "salt-and-pepper", "occlusion", "jpeg")
-STRENGTHS = {"gaussian": 0.1, "salt-and-pepper": 0.1, "occlusion": 0.1, "jpeg": 0.4}  # each kind's test, by default
-
-
 def add_noise(images, kind, strength, generator=None):
     """A corrupted copy of images (B, 3, S, S) in [0, 1]; the input is left untouched. `strength` is
     one number, or one per image (B,): training draws it per image, so the model learns every level."""
@@ -355,7 +355,7 @@ def main(argv=None):
         return shop.clean_photos(lambda photo: denoise_large(model, photo, args), args.clean, args.out)
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
-    prepare_out(SCRIPT, args, catalogue, state, training=not args.figures_only)
+    prepare_out(args, catalogue, state)
     if not args.figures_only:
         train_model(model, train_images, test_images, history, state, args)
     _, outputs = evaluate_denoising(model, catalogue, args)

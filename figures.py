@@ -100,11 +100,16 @@ def plot_curves(history, panels, path, log=()):
 
 def save_images(images, folder, kind=None):
     """(N, 3, S, S) images in [0, 1] as PNG files sample_0000.png, ... in `folder` (new products of
-    `kind`, or of every kind), and a line that says so."""
+    `kind`, or of every kind), and a line that says so. The samples of an earlier call are removed
+    first, and said so: a folder of 4 new shoes never holds 4 old T-shirts beside them."""
     folder.mkdir(parents=True, exist_ok=True)
+    earlier = sorted(folder.glob("sample_*.png"))
+    for path in earlier:
+        path.unlink()
     for i, image in enumerate(images):
         Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(folder / f"sample_{i:04d}.png")
-    print(f"wrote {folder}/ ({len(images)} new products" + (f" of type {kind})" if kind else ")"))
+    print(f"wrote {folder}/ ({len(images)} new products" + (f" of type {kind}" if kind else "") +
+          (f"; the {len(earlier)} of an earlier call were removed)" if earlier else ")"))
 
 
 # ----------------------------------------------------------------------------- the code space

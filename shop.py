@@ -22,6 +22,7 @@ from PIL import Image
 
 from common import (NEAR_COPY_PSNR, Unreadable, connected_groups, frame_product, ink, opened_image, product_box,
                     shown_products, thumbnails, to_rgb)
+from bookkeeping import written_whole
 from figures import save_grid
 
 
@@ -187,17 +188,21 @@ def search_figures(catalogue, neighbours, reconstruct, name, tag, out):
 
 # ----------------------------------------------------------------------------- tools on the whole catalogue
 def catalogue_codes(encode, catalogue, checkpoint, out):
-    """The code of every catalogue product, cached beside the model and rebuilt when the model
-    file or the catalogue's photos change."""
+    """The code of every catalogue product, cached beside the model (OUT/catalogue_codes.pt) and rebuilt
+    when the model file or the catalogue's photos change."""
     key = hashlib.sha256(checkpoint.read_bytes() + catalogue.images.numpy().tobytes()).hexdigest()
     cache = out / "catalogue_codes.pt"
-    if cache.is_file():
-        saved = torch.load(cache, weights_only=True)
-        if saved["key"] == key:
-            return saved["codes"]
+    try:
+        saved = torch.load(cache, weights_only=True) if cache.is_file() else {}
+    except Exception:  # a cache that cannot be read is rebuilt
+        saved = {}
+    if saved.get("key") == key:
+        return saved["codes"]
     codes = encode(catalogue.images)
-    torch.save({"key": key, "codes": codes}, cache.with_suffix(".tmp"))
-    os.replace(cache.with_suffix(".tmp"), cache)
+    out.mkdir(parents=True, exist_ok=True)
+    with written_whole(cache) as temporary:
+        torch.save({"key": key, "codes": codes}, temporary)
+    print(f"wrote {cache} (every product's code, kept for the next --query or --duplicates)")
     return codes
 
 

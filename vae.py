@@ -75,7 +75,7 @@ WARMUP = 0.2  # the share of the steps over which the learning rate climbs to --
 SNAPSHOTS = (1, 2, 5, 10, 20)  # the epochs (and the last) after which samples_by_epoch.png draws samples
 LOGVAR_LIMIT = 8  # the encoder's log s^2 stays within (-8, 8): its spread s from 0.02 to 55
 ACTIVE = 0.01  # a code dimension whose mean varies more than this across photos is active (active_units)
-RIDGE = 1e-3  # added to the fitted covariance of the codes, so that it can be inverted
+RIDGE = 1e-3  # added to a fitted covariance of the codes, so that it stays positive definite (square_root)
 GUIDANCE = 1.0  # how much further from the average product one kind's new products are drawn (one_kind)
 SCRIPT = Path(__file__).name  # saved in the checkpoint, so that another script's model is refused
 MODEL_FLAGS = ("latent_dim", "image_size", "beta")  # what the model is: always taken from a checkpoint
@@ -255,7 +255,7 @@ def active_units(codes, threshold=ACTIVE):
 
 
 def fit_gaussian(codes, ridge=RIDGE):
-    """The mean and full covariance of a set of codes (N, latent); the ridge keeps it invertible."""
+    """The mean and full covariance of a set of codes (N, latent); the ridge keeps it positive definite."""
     covariance = torch.cov(codes.T) if len(codes) > 1 else torch.zeros(codes.shape[1], codes.shape[1])
     return {"mean": codes.mean(0), "covariance": covariance + ridge * torch.eye(codes.shape[1]), "weight": 1.0}
 
@@ -334,7 +334,7 @@ def make_figures(model, catalogue, history, code_distribution, samples_by_epoch,
                                     code_distribution, one_kind)
     prior = decode_prior(model, 10, args.seed, args)  # the textbook's way first, then the fitted Gaussians
     save_grid([prior, *rows], ["prior N(0, I)", *labels], "New products from the prior, a Gaussian fitted to the "
-              "codes, one Gaussian per type" + tag, args.out / "samples.png")
+              "codes, one Gaussian per type, and the commonest types set apart" + tag, args.out / "samples.png")
     plot_curves(history, {"loss": f"loss per image: reconstruction + {args.beta:g} x KL",
                           "reconstruction": "reconstruction per image", "kl": "KL per image (rises, then settles)",
                           "variance": "decoder variance sigma^2"}, args.out / "loss_curves.png", log=("variance",))
@@ -356,7 +356,7 @@ def main(argv=None):
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
     train_kinds = product_kinds(catalogue, catalogue.train_index)
-    prepare_out(SCRIPT, args, catalogue, state, training=not (args.figures_only or tool))
+    prepare_out(args, catalogue, state)
     if tool:
         return shop.run_tools(partial(encode_all, model, args=args), partial(decode_all, model, args=args), catalogue,
                               checkpoint, args)

@@ -3,7 +3,9 @@ stand-ins for testing a training loop."""
 
 from types import SimpleNamespace
 
+import kagglehub
 import pytest
+import requests
 import torch
 from PIL import Image, ImageDraw
 
@@ -14,12 +16,10 @@ TYPES = [("Apparel", "Boys", "Tshirts"), ("Apparel", "Girls", "Dresses"),
          ("Footwear", "Men", "Sports Shoes"), ("Footwear", "Women", "Heels")]
 
 
-@pytest.fixture
-def tiny_catalogue(tmp_path, monkeypatch):
-    """24 small drawn products with a fashion.csv; the loader's cache goes to tmp_path too."""
-    monkeypatch.setattr(common, "CACHE_DIR", tmp_path / "cache")
-    root, rows = tmp_path / "data", []
-    for index in range(24):
+def write_catalogue(root, count=24):
+    """`count` small drawn products in the Kaggle dataset's layout under root, with a fashion.csv."""
+    rows = []
+    for index in range(count):
         category, gender, product_type = TYPES[index % 4]
         colour = ["Black", "Red", "Blue"][index % 3]
         folder = root / category / gender / "Images" / "images_with_product_ids"
@@ -31,6 +31,23 @@ def tiny_catalogue(tmp_path, monkeypatch):
         rows.append(f"{100 + index},{gender},{category},Sub,{product_type},{colour},Casual,T,{100 + index}.jpg,u\n")
     (root / "fashion.csv").write_text(CSV_HEADER + "".join(rows))
     return root
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No test reaches the network: Kaggle's download fails at once, as it does on a machine without one
+    (a test that wants a download replaces it)."""
+    def no_network(*args, **kwargs):
+        raise requests.ConnectionError("the tests reach no network")
+
+    monkeypatch.setattr(kagglehub, "dataset_download", no_network)
+
+
+@pytest.fixture
+def tiny_catalogue(tmp_path, monkeypatch):
+    """24 small drawn products with a fashion.csv; the loader's cache goes to tmp_path too."""
+    monkeypatch.setattr(common, "CACHE_DIR", tmp_path / "cache")
+    return write_catalogue(tmp_path / "data")
 
 
 @pytest.fixture

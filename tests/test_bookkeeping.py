@@ -1,9 +1,14 @@
 """bookkeeping.py, through the three scripts: --resume, --checkpoint, --out, metrics.csv, Ctrl-C, divergence."""
 
 import csv
+import json
 import math
+import os
 import re
 import shlex
+import signal
+import subprocess
+import sys
 
 from pathlib import Path
 
@@ -277,6 +282,10 @@ def written(printed):
             if line.startswith("wrote ")]
 
 
+def files_under(folder):
+    return {path: path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()}
+
+
 def test_every_tool_names_each_file_it_writes_once_and_the_paths_exist(smoke_flags, tiny_catalogue, tmp_path,
                                                                          capsys):
     photo = next(tiny_catalogue.rglob("101.jpg"))
@@ -285,7 +294,142 @@ def test_every_tool_names_each_file_it_writes_once_and_the_paths_exist(smoke_fla
     capsys.readouterr()
     for run in ([ae, "--query", str(photo), "102"], [ae, "--duplicates", "0.5"],
                 [ae, "--figures-only", "--num-samples", "2"], [dae, "--clean", str(photo), "--out", str(tmp_path / "dae")]):
+        before = {**files_under(tmp_path / "out"), **files_under(tmp_path / "dae")}
         run[0].main([*smoke_flags, *run[1:]])
         paths = written(capsys.readouterr().out)
         assert paths and len(paths) == len(set(paths)), run
         assert all(Path(path).exists() for path in paths), paths
+        # Every file the tool wrote or changed is named, itself or by the folder it is in.
+        after = {**files_under(tmp_path / "out"), **files_under(tmp_path / "dae")}
+        changed = [path for path, stamp in after.items() if before.get(path) != stamp]
+        assert changed and all(any(path == Path(named) or Path(named) in path.parents for named in map(Path, paths))
+                               for path in changed), (run, changed, paths)
+
+
+def test_new_samples_never_lie_beside_the_samples_of_an_earlier_call(smoke_flags, tmp_path, capsys):
+    vae.main([*smoke_flags, "--epochs", "1", "--num-samples", "8", "--product-type", "Tshirts"])
+    capsys.readouterr()
+    vae.main([*smoke_flags, "--figures-only", "--num-samples", "4", "--product-type", "Heels"])
+    assert sorted(path.name for path in (tmp_path / "out" / "samples").iterdir()) == [
+        f"sample_{i:04d}.png" for i in range(4)]
+    assert f"wrote {tmp_path / 'out' / 'samples'}/ (4 new products of type Heels; the 8 of an earlier call were " \
+           f"removed)" in capsys.readouterr().out
+
+
+def test_resume_with_more_epochs_says_why_a_finished_schedule_cannot_be_stretched(smoke_flags):
+    vae.main([*smoke_flags, "--epochs", "2"])
+    with pytest.raises(SystemExit) as stop:
+        vae.main([*smoke_flags, "--resume", "--epochs", "5"])
+    message = str(stop.value.code)
+    assert "\n" not in message and "was trained with --epochs 2, but this run asks for 5" in message
+    assert "learning rate falls to ~0 at its last epoch" in message and "train anew with --overwrite" in message
+
+
+# ----------------------------------------------------------------------------- one run per folder, no model lost
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start(script, flags, out):
+    """A script run in a process of its own (as a user runs it), printing each line as it comes."""
+    return subprocess.Popen([sys.executable, f"{script}.py", *flags, "--out", str(out)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(process, start_of_line):
+    """Read the process's lines until one starts so; all it printed until then."""
+    printed = []
+    for line in process.stdout:
+        printed.append(line)
+        if line.startswith(start_of_line):
+            return printed
+    raise AssertionError("".join(printed))
+
+
+def interrupted_run(script, smoke_flags, out, monkeypatch, epochs=4):
+    """A run of `epochs` stopped by Ctrl-C in its second epoch: its model.pt holds epoch 1."""
+    calls, run_epoch = [], script.run_epoch
+
+    def interrupted_in_epoch_2(*args, **kwargs):  # two calls an epoch: train, then test
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return run_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(script, "run_epoch", interrupted_in_epoch_2)
+    with pytest.raises(SystemExit, match="interrupted"):
+        script.main([*smoke_flags[:2], *smoke_flags[4:], "--epochs", str(epochs), "--out", str(out)])
+    monkeypatch.setattr(script, "run_epoch", run_epoch)
+
+
+def test_resuming_another_runs_checkpoint_never_replaces_a_finished_model(smoke_flags, tmp_path, monkeypatch):
+    finished_out, stopped = tmp_path / "out", tmp_path / "P"
+    vae.main([*smoke_flags, "--epochs", "2"])
+    interrupted_run(vae, smoke_flags, stopped, monkeypatch)
+    kept = {name: (finished_out / name).read_bytes() for name in ("model.pt", "metrics.csv")}
+    with pytest.raises(SystemExit) as stop:
+        vae.main(["--resume", "--checkpoint", str(stopped / "model.pt"), "--out", str(finished_out), "--device", "cpu"])
+    message = str(stop.value.code)
+    assert "\n" not in message and message.startswith(f"error: --out {finished_out} holds another model of vae.py "
+                                                      f"(2 of 2 epochs, finished)") and "--overwrite" in message
+    assert {name: (finished_out / name).read_bytes() for name in kept} == kept  # byte for byte as it was
+    # Into an empty folder it continues, and so it does into the folder it came from; the checkpoint given is
+    # never written.
+    given = (stopped / "model.pt").read_bytes()
+    vae.main(["--resume", "--checkpoint", str(stopped / "model.pt"), "--out", str(tmp_path / "empty"), "--device", "cpu"])
+    assert (stopped / "model.pt").read_bytes() == given and len(metrics(tmp_path / "empty" / "metrics.csv")) == 4
+    # --overwrite says so: then the finished model is replaced by the continued run.
+    vae.main(["--resume", "--checkpoint", str(stopped / "model.pt"), "--out", str(finished_out), "--device", "cpu",
+              "--overwrite"])
+    assert metrics(finished_out / "metrics.csv") == metrics(tmp_path / "empty" / "metrics.csv")
+    # A copy of P further along than the checkpoint given is not rolled back to it.
+    with pytest.raises(SystemExit, match="holds this run further along \\(4 of 4 epochs\\)"):
+        vae.main(["--resume", "--checkpoint", str(stopped / "model.pt"), "--out", str(tmp_path / "empty"),
+                  "--device", "cpu"])
+    vae.main(["--resume", "--out", str(stopped), "--device", "cpu"])
+    assert len(torch.load(stopped / "model.pt", weights_only=True)["history"]) == 4
+
+
+def test_a_second_run_into_a_folder_in_use_refuses_and_the_first_ends_whole(smoke_flags, tmp_path):
+    out = tmp_path / "C"
+    first = start("vae", [*smoke_flags[:2], *smoke_flags[4:], "--epochs", "3"], out)
+    wait_for(first, "device:")  # printed once the run holds --out
+    holder = json.loads((out / "run.lock").read_text())
+    for flags in ([], ["--overwrite"], ["--figures-only"]):
+        with pytest.raises(SystemExit) as stop:
+            vae.main([*smoke_flags[:2], *smoke_flags[4:], "--out", str(out), *flags])
+        message = str(stop.value.code)
+        assert "\n" not in message and message == (f"error: --out {out} is in use by another run (process "
+                                                    f"{first.pid} on {holder['host']}, started {holder['started']}); "
+                                                    f"wait for it to end, or pass another --out")
+    assert first.wait(timeout=120) == 0, first.stdout.read()
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert len(state["history"]) == 3 and len(metrics(out / "metrics.csv")) == 3
+    assert not (out / "run.lock").exists()
+
+
+def test_the_hold_of_a_run_that_was_killed_is_taken_over_with_one_line(smoke_flags, tmp_path, capsys):
+    out = tmp_path / "C"
+    killed = start("vae", [*smoke_flags[:2], *smoke_flags[4:], "--epochs", "6"], out)
+    wait_for(killed, "epoch   1/")
+    killed.send_signal(signal.SIGKILL)  # no clean-up runs: the hold stays behind
+    killed.wait()
+    assert json.loads((out / "run.lock").read_text())["pid"] == killed.pid
+    vae.main([*smoke_flags[:2], *smoke_flags[4:], "--out", str(out), "--resume"])
+    notes = [line for line in capsys.readouterr().out.splitlines() if "ended without letting go" in line]
+    assert len(notes) == 1 and f"process {killed.pid} " in notes[0] and notes[0].endswith("this run takes it over")
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert len(state["history"]) == len(metrics(out / "metrics.csv")) == 6 and not (out / "run.lock").exists()
+
+
+def test_no_two_writes_share_a_temporary_name_and_a_failed_one_leaves_the_file_as_it_was(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_text("the old model")
+    with bookkeeping.written_whole(path) as first, bookkeeping.written_whole(path) as second:
+        assert first != second and Path(first).parent == Path(second).parent == tmp_path
+        Path(first).write_text("new")
+        Path(second).write_text("newer")
+    assert path.read_text() == "new"  # the write that ended last (the outer one): whole, not mixed
+    with pytest.raises(ZeroDivisionError), bookkeeping.written_whole(path) as temporary:
+        Path(temporary).write_text("half")
+        1 / 0
+    assert path.read_text() == "new" and sorted(tmp_path.iterdir()) == [path]

@@ -154,7 +154,7 @@ def test_full_size_photo_and_its_reduced_copy_are_framed_the_same(tmp_path):
     assert psnr(full, reduced) > 30
 
 
-@pytest.mark.skipif(DATASET is None, reason="needs the dataset unzipped into data/")
+@pytest.mark.skipif(DATASET is None, reason="needs the real photos: in data/ (the first run downloads them) or ../shared/fashion-images")
 def test_real_photos_upscaled_to_full_size_are_framed_the_same(tmp_path):
     for index, path in enumerate(sorted(DATASET.rglob("*.jpg"))[::600]):
         photo = Image.open(path).convert("RGB")

@@ -139,3 +139,19 @@ def test_codes_of_one_and_two_numbers_are_compared_too(smoke_flags, tmp_path):
     rows = {row["model"]: row for row in json.loads((tmp_path / "compare" / "summary.json").read_text())["rows"]}
     assert rows["ae.py"]["code_size"] == 1 and rows["vae.py"]["code_size"] == 2
     assert rows["PCA, 1 components"]["psnr_clean"] > 0 and rows["vae.py"]["classifier_fd_prior"] >= 0
+
+
+def test_with_only_a_vae_trained_the_table_leaves_the_others_out_and_says_so(smoke_flags, tmp_path, monkeypatch,
+                                                                             capsys):
+    monkeypatch.setattr(compare, "REPO", tmp_path / "a fresh clone")  # its out/ holds no ae or dae model
+    vae.main([*smoke_flags, "--epochs", "1"])
+    compare.main(["--vae", str(tmp_path / "out" / "model.pt"), "--data", smoke_flags[1], "--out",
+                  str(tmp_path / "compare"), "--samples", "20", "--classifier-epochs", "1", "--device", "cpu"])
+    rows = json.loads((tmp_path / "compare" / "summary.json").read_text())["rows"]
+    assert [row["model"] for row in rows] == ["vae.py", "raw pixels", "PCA, 8 components"]
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert [note for note in notes if "is left out" in note] == [
+        f"note: {tmp_path / 'a fresh clone' / 'out' / name / 'model.pt'} does not exist, so {name} is left out "
+        f"(python {name}.py trains it)" for name in ("ae", "dae")]
+    with pytest.raises(SystemExit, match="error: no model to compare"):
+        compare.main(["--data", smoke_flags[1], "--out", str(tmp_path / "compare")])

@@ -1,6 +1,7 @@
 """vae.py: shapes, the loss against references, reparameterization, training, end to end."""
 
 import math
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -286,3 +287,17 @@ def test_prior_sampling_decodes_z_drawn_from_the_standard_normal():
     z = vae.decode_prior(Passes(), 20000, 5, args)
     assert torch.equal(z, torch.randn(20000, 3, generator=torch.Generator().manual_seed(5)))  # seeded, from N(0, I)
     assert torch.allclose(z.mean(0), torch.zeros(3), atol=0.03) and torch.allclose(z.var(0), torch.ones(3), atol=0.04)
+
+
+def test_the_epoch_line_and_the_last_line_add_up_at_a_beta_other_than_one(smoke_flags, capsys):
+    vae.main([*smoke_flags, "--epochs", "2", "--beta", "0.5"])
+    printed = capsys.readouterr().out.splitlines()
+    sums = [re.search(r"(train|test) +(\S+) \(rec +(\S+) \+ 0\.5 x kl +(\S+)\)", part).groups()[1:]
+            for line in printed if line.startswith("epoch") for part in line.split("|")[1:3]]
+    assert len(sums) == 4  # train and test, two epochs
+    for total, reconstruction, kl in sums:  # each printed to 0.1: they agree within the rounding
+        assert abs(float(total) - (float(reconstruction) + 0.5 * float(kl))) <= 0.15
+    last = re.search(r"negative ELBO (\S+) = reconstruction (\S+) \+ KL (\S+) \(the loss: \S+ \+ 0\.5 x \S+ = "
+                     r"(\S+)\)", printed[-1])
+    elbo, reconstruction, kl, loss = map(float, last.groups())
+    assert abs(elbo - (reconstruction + kl)) <= 0.15 and abs(loss - (reconstruction + 0.5 * kl)) <= 0.15
