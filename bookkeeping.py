@@ -386,7 +386,7 @@ def hold_out(out):
 
 
 def claim(lock, me):
-    """Create `lock` holding `me` in one step, unless it exists: a hard link to a file written beforehand."""
+    """Create `lock` holding `me` in one step unless it exists: a hard link to a file written before."""
     handle, temporary = tempfile.mkstemp(prefix=".run.lock.", suffix=".tmp", dir=lock.parent)
     try:
         with os.fdopen(handle, "w") as file:
@@ -412,15 +412,15 @@ def read_holder(lock):
         return json.loads(lock.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):  # not ours to read: held by something that is not a run of these scripts
-        return {"pid": -1, "host": "?", "started": "at an unknown time", "born": None}
+    except (OSError, ValueError):  # not a run's: taken over, as the hold of a run that ended
+        return {"pid": None, "host": socket.gethostname(), "started": "at an unknown time", "born": None}
 
 
 def running(holder):
     """Whether the process that wrote `holder` is still running: a process of that number, started when
     it was (a number is reused once its process ends). On another machine, it cannot be told: yes."""
-    if holder["host"] != socket.gethostname():
-        return True
+    if holder["host"] != socket.gethostname() or holder["pid"] is None:
+        return holder["pid"] is not None
     state, born = process_state(holder["pid"])
     return state not in (None, "Z") and (born is None or holder["born"] is None or born == holder["born"])
 
@@ -433,8 +433,6 @@ def process_state(pid):
         return fields[0], int(fields[19])
     except (OSError, IndexError, ValueError):
         pass
-    if pid <= 0:
-        return None, None
     if os.name == "nt":  # os.kill would end the process on Windows: ask for its exit code instead
         import ctypes
 

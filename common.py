@@ -355,9 +355,9 @@ def load_catalogue(data=None, image_size=64, cache_dir=None):
         raise SystemExit(f"error: --data {root}: no .jpg/.jpeg/.png/.webp images in this folder")
     synthetic = loaded is None
     if synthetic:
-        print(f"notice: this run uses a SYNTHETIC catalogue of 600 simple drawn products"
+        print("notice: this run uses a SYNTHETIC catalogue of 600 simple drawn products"
               + (" (--data synthetic)" if data == SYNTHETIC else f", as {root}/ holds no photos") + "; its "
-              f"results are not those of real photos")
+              "results are not those of real photos")
         loaded = synthetic_catalogue(image_size)
     pixels, metadata, groups = loaded
     copies = np.bincount(groups)[groups] > 1

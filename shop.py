@@ -12,7 +12,6 @@ import csv
 import hashlib
 import io
 import math
-import os
 import time
 from pathlib import Path
 

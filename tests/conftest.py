@@ -1,6 +1,7 @@
 """A tiny product catalogue in the real dataset's layout, shared by the scripts' smoke tests, and
 stand-ins for testing a training loop."""
 
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import kagglehub
@@ -86,3 +87,22 @@ def epoch_args(**extra):
 def per_image_mean(values_of_image, images):
     """The mean over images of a value computed one image at a time: what run_epoch must return."""
     return sum(values_of_image(images[i:i + 1]) for i in range(len(images))) / len(images)
+
+
+@contextmanager
+def ctrl_c_in_epoch(script, epoch, monkeypatch):
+    """Within the block, `script`'s runs get a Ctrl-C (a KeyboardInterrupt, where Python raises it) as
+    the training pass of `epoch` starts: run_epoch is called twice an epoch, to train and to test."""
+    calls, run_epoch = [], script.run_epoch
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 * epoch - 1:
+            raise KeyboardInterrupt
+        return run_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(script, "run_epoch", interrupted)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(script, "run_epoch", run_epoch)

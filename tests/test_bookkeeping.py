@@ -21,6 +21,7 @@ import bookkeeping
 import common
 import dae
 import vae
+from conftest import ctrl_c_in_epoch
 
 SCRIPTS = [ae, dae, vae]
 TIMINGS = {"seconds", "images_per_second"}  # the only columns that may differ between two equal runs
@@ -42,20 +43,11 @@ def synthetic(tmp_path, monkeypatch):
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda module: module.__name__)
 def test_an_interrupted_run_resumed_ends_as_an_uninterrupted_one(script, synthetic, tmp_path, monkeypatch):
     script.main([*synthetic, "--out", str(tmp_path / "whole")])
-    calls, run_epoch = [], script.run_epoch
-
-    def interrupted_in_epoch_4(*args, **kwargs):  # two calls an epoch: train, then test
-        calls.append(1)
-        if len(calls) == 7:
-            raise KeyboardInterrupt
-        return run_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(script, "run_epoch", interrupted_in_epoch_4)
     first = tmp_path / "first"
-    with pytest.raises(SystemExit, match=f"interrupted: {first / 'model.pt'} holds the last finished epoch"):
+    with ctrl_c_in_epoch(script, 4, monkeypatch), pytest.raises(SystemExit, match=f"interrupted: {first / 'model.pt'} "
+                                                                                   f"holds the last finished epoch"):
         script.main([*synthetic, "--out", str(first)])
     assert len(metrics(first / "metrics.csv")) == 3  # one row per finished epoch, kept
-    monkeypatch.setattr(script, "run_epoch", run_epoch)
     saved = (first / "model.pt").read_bytes()
     # Resumed from the interrupted run's checkpoint into another folder: the checkpoint given is not touched.
     script.main(["--resume", "--checkpoint", str(first / "model.pt"), "--out", str(tmp_path / "second"),
@@ -347,18 +339,8 @@ def wait_for(process, start_of_line):
 
 def interrupted_run(script, smoke_flags, out, monkeypatch, epochs=4):
     """A run of `epochs` stopped by Ctrl-C in its second epoch: its model.pt holds epoch 1."""
-    calls, run_epoch = [], script.run_epoch
-
-    def interrupted_in_epoch_2(*args, **kwargs):  # two calls an epoch: train, then test
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return run_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(script, "run_epoch", interrupted_in_epoch_2)
-    with pytest.raises(SystemExit, match="interrupted"):
+    with ctrl_c_in_epoch(script, 2, monkeypatch), pytest.raises(SystemExit, match="interrupted"):
         script.main([*smoke_flags[:2], *smoke_flags[4:], "--epochs", str(epochs), "--out", str(out)])
-    monkeypatch.setattr(script, "run_epoch", run_epoch)
 
 
 def test_resuming_another_runs_checkpoint_never_replaces_a_finished_model(smoke_flags, tmp_path, monkeypatch):

@@ -19,11 +19,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 import ae
 import vae
+from conftest import ctrl_c_in_epoch
 
 SCRIPTS = {"ae": ae, "vae": vae}
 SEQUENCES = int(os.environ.get("SEQUENCES", 8))
@@ -63,20 +63,9 @@ def draw_command(rng, folders, script):
 
 
 def run_stopped(script, argv, monkeypatch):
-    """The command, with a Ctrl-C in its second epoch (as a KeyboardInterrupt where Python would raise it)."""
-    calls, run_epoch = [], SCRIPTS[script].run_epoch
-
-    def interrupted_in_epoch_2(*args, **kwargs):  # two calls an epoch: train, then test
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return run_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(SCRIPTS[script], "run_epoch", interrupted_in_epoch_2)
-    try:
+    """The command, with a Ctrl-C in its second epoch (a KeyboardInterrupt, where Python raises it)."""
+    with ctrl_c_in_epoch(SCRIPTS[script], 2, monkeypatch):
         return run_in_process(script, argv)
-    finally:
-        monkeypatch.setattr(SCRIPTS[script], "run_epoch", run_epoch)
 
 
 def ended_with_one_line(text):
