@@ -46,7 +46,8 @@ def add_run_flags(parser, out, tools):
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="the model --figures-only, --resume or a tool loads; if not given, OUT/model.pt")
     if tools:  # ae.py and vae.py: sampling, and search on the model's codes
-        parser.add_argument("--num-samples", type=int, default=0, help="also write N new products to OUT/samples/")
+        parser.add_argument("--num-samples", type=int, default=0,
+                            help="also write N new products to OUT/samples/, in place of an earlier call's")
         parser.add_argument("--query", nargs="+", default=None, metavar="PHOTO_OR_PRODUCTID",
                             help="photo files or ProductIds: print the products most like each")
         parser.add_argument("--product-type", default=None, help="--num-samples draws products of this type only "
