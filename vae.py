@@ -5,7 +5,7 @@ An autoencoder squeezes a photo through a small code and rebuilds it. A VAE make
 
     encoder:          image x  ->  mu(x), logvar(x)          (q(z|x) = N(mu, s^2): a Gaussian per image)
     reparameterize:   z = mu + s * eps,  eps ~ N(0, I),  s = exp(logvar / 2)
-    decoder:          z  ->  x_hat in [0, 1]                 (p(x|z) = N(x_hat, sigma^2), each of D = 3 S^2 values)
+    decoder:          z  ->  x_hat in [0, 1]                 (p(x|z) = N(x_hat, sigma^2) per value; D = 3 x 64 x 64)
     loss:             reconstruction + beta * KL             (at beta = 1, the negative ELBO)
         reconstruction = -log p(x|z) = sum over the D values of (x_hat - x)^2 / (2 sigma^2) + D/2 log(2 pi sigma^2)
         KL             = KL( q(z|x) || N(0, I) ), in closed form
@@ -335,7 +335,7 @@ def make_figures(model, catalogue, history, code_distribution, samples_by_epoch,
     prior = decode_prior(model, 10, args.seed, args)  # the textbook's way first, then the fitted Gaussians
     save_grid([prior, *rows], ["prior N(0, I)", *labels], "New products from the prior, a Gaussian fitted to the "
               "codes, one Gaussian per type, and the commonest types set apart" + tag, args.out / "samples.png")
-    plot_curves(history, {"loss": f"loss per image: reconstruction + {args.beta:g} x KL",
+    plot_curves(history, {"loss": ("negative ELBO" if args.beta == 1 else f"rec + {args.beta:g} x KL") + " per image",
                           "reconstruction": "reconstruction per image", "kl": "KL per image (rises, then settles)",
                           "variance": "decoder variance sigma^2"}, args.out / "loss_curves.png", log=("variance",))
     draw_code_space("VAE", codes, decode, catalogue, active, ACTIVE, tag, args.out, prior=True)
