@@ -10,21 +10,20 @@ here: the photos (common.py), the figures (figures.py), the model, loss, trainin
 
 import csv
 import functools
-import json
 import math
 import os
 import shlex
+import secrets
 import signal
-import socket
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import filelock
 import torch
 
-from common import data_folder, select_device
+from common import SYNTHETIC, data_folder, select_device
 
 
 # ----------------------------------------------------------------------------- flags and checkpoints
@@ -64,6 +63,12 @@ def check_flags(parser, args):
             parser.error(f"{flag_name(flag)} must be at least 1")
     if not args.lr > 0:
         parser.error("--lr must be positive")
+    size = getattr(args, "image_size", 64)  # each model halves it four times, and needs 2 pixels at the end
+    if size < 32 or size % 16:
+        parser.error(f"--image-size {size}: must be a multiple of 16, at least 32")
+    samples_only = args.figures_only and getattr(args, "num_samples", 0)  # needs the checkpoint, no photos
+    if args.data not in (None, SYNTHETIC) and not Path(args.data).is_dir() and not samples_only:
+        parser.error(f"--data {args.data}: no such folder")
     tools = [getattr(args, flag, None) for flag in ("query", "duplicates", "clean")]
     if args.checkpoint and not (args.figures_only or args.resume or any(tool is not None for tool in tools)):
         parser.error("--checkpoint names the model to load with --figures-only or --resume; "
@@ -79,20 +84,22 @@ TRAINING_FLAGS = ("epochs", "batch_size", "lr", "seed", "data")  # how a run was
 
 
 def start_run(script, args, defaults, model_flags, load):
-    """Print the command that reruns this run, hold --out (hold_out) unless the run is a tool's, load
-    the checkpoint when `load` and make sure training destroys no model (guard_out), all before the
-    photos are read, so that a wrong command fails at once; seed, pick the device. Returns the
+    """Print the command that reruns this run; pick the device (a flag's own checks come first); hold
+    --out (hold_out) unless the run is a tool's; load the checkpoint when `load` (with the photos it
+    was trained on, unless --data names others) and make sure training destroys no model (guard_out),
+    all before the photos are read, so that a wrong command fails at once; seed. Returns the
     checkpoint's path and its contents (None when nothing was loaded)."""
     def value(v):  # as a shell reads it back: a list as its items, a name with spaces quoted
         return " ".join(shlex.quote(str(item)) for item in (v if isinstance(v, list) else [v]))
 
     print("python", script, *[flag_name(k) + ("" if v is True else f" {value(v)}") for k, v in vars(args).items()
                               if v != defaults[k] and k != "data"], "--data", shlex.quote(str(data_folder(args.data))))
+    args.device = select_device(args.device)
     tool = any(getattr(args, flag, None) is not None for flag in ("query", "duplicates", "clean"))
     if not tool:
         hold_out(args.out)  # every run that writes its model, metrics or figures; the tools write files of their own
     checkpoint = args.checkpoint or args.out / "model.pt"
-    flags = model_flags + (TRAINING_FLAGS if args.resume else ())
+    flags = model_flags + (TRAINING_FLAGS if args.resume else ("data",))
     given = "--checkpoint" if args.checkpoint else "--out"  # the flag that named the file, for its errors
     state = load_checkpoint(checkpoint, script, args, defaults, flags, given) if load else None
     if not (tool or args.figures_only):
@@ -101,7 +108,6 @@ def start_run(script, args, defaults, model_flags, load):
     # Numbers below ~1e-38 ("denormals") take a slow path in x86 CPUs, and a well-trained model's
     # gradients hold many of them; flushed to zero they change nothing visible.
     torch.set_flush_denormal(True)
-    args.device = select_device(args.device)
     return checkpoint, state
 
 
@@ -127,7 +133,7 @@ def load_checkpoint(path, script, args, defaults, flags, given="--checkpoint"):
     state, restored = read_checkpoint(path, script, given), []
     for flag in flags:
         saved, given = state["args"].get(flag), getattr(args, flag)
-        if flag == "data" and given is not None:  # the photos may have moved: resume_training checks they match
+        if flag == "data" and given is not None:  # the photos may have moved: a --data given wins
             continue
         if given != saved and given != defaults[flag]:
             why = (" (--resume finishes a run's own schedule, whose learning rate falls to ~0 at its last epoch and "
@@ -165,7 +171,9 @@ def guard_out(script, args, state):
     """Make sure that training into --out destroys no model: not another script's, and not a run of
     this one unless --overwrite says so. --resume continues the checkpoint's run into --out when --out
     holds no model, or that same run at or before the checkpoint's epoch (the checkpoint itself, say);
-    the checkpoint's own file is never written. A finished run has nothing to resume: it is redrawn."""
+    the checkpoint's own file is never written. A finished run has nothing to resume: it is redrawn.
+    A model of the drawn catalogue gives way to a run that did not ask for it (--data synthetic): it
+    is what a first run made offline, not a user's work."""
     target = args.out / "model.pt"
     try:
         found = torch.load(target, map_location="cpu", weights_only=True) if target.is_file() else {"script": script}
@@ -179,6 +187,11 @@ def guard_out(script, args, state):
                          f"another --out (or delete {target} first)")
     if "history" in found and not args.overwrite:
         done = f"{len(found['history'])} of {found['args']['epochs']} epochs"
+        drawn = found["args"].get("catalogue", {}).get("synthetic")  # trained on the drawn catalogue
+        if drawn and not args.resume and args.data != SYNTHETIC:  # a stand-in for photos, not a user's work
+            print(f"note: --out {args.out} holds a model of {script} trained on the drawn catalogue ({done}); this "
+                  f"run replaces it (--data synthetic keeps such a model unless --overwrite is given)")
+            return
         if not args.resume:
             raise SystemExit(f"error: --out {args.out} holds a model of {script} ({done}); pass another --out, "
                              f"--resume to continue it, or --overwrite to replace it")
@@ -199,6 +212,9 @@ def prepare_out(args, catalogue, state):
     args.catalogue = {"folder": str(catalogue.folder), "synthetic": catalogue.synthetic,
                       "photos": len(catalogue.images)}
     trained_on = state["args"].get("catalogue") if state else None
+    if trained_on and not trained_on["synthetic"] and catalogue.synthetic and args.data != SYNTHETIC:
+        raise SystemExit(f"error: the model was trained on real photos ({trained_on['folder']}), and none were found "
+                         f"for this run; pass --data with them (or --data synthetic to show it the drawn catalogue)")
     if trained_on and trained_on["synthetic"] != catalogue.synthetic:
         kind = {True: "the synthetic catalogue", False: "real photos"}
         print(f"note: this model was trained on {kind[trained_on['synthetic']]} ({trained_on['folder']}); "
@@ -302,12 +318,23 @@ def save_metrics(path, rows):
 @contextmanager
 def written_whole(path):
     """A temporary file beside `path`, of a name no other process gets, renamed to `path` once the
-    block has written it: a crash or a second process never leaves a broken or mixed file."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    block has written it and it is on the disk: a crash of the process or of the machine, or a second
+    process, never leaves a broken or mixed file. It is made as any file the user writes (the umask
+    says its mode), so a colleague can read a model as they can read the figures beside it."""
+    path = Path(path)
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         yield temporary
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())  # its bytes on the disk before its name, which the rename makes
         os.replace(temporary, path)
+        if os.name == "posix":  # and the rename itself: the folder's entry
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
@@ -358,108 +385,36 @@ def divergence_limit(loss, colour, photos, corrupt=None, block=256):
 
 
 # ----------------------------------------------------------------------------- one run per folder
-HELD = []  # (run.lock, whether this run made its folder) for each folder this process holds
+HELD = []  # (the lock, whether this run made its folder) for each folder this process holds
 
 
 def hold_out(out):
-    """Hold the folder --out for this run, with a file run.lock in it that names the run: a second run
-    into the folder refuses in one line that names this one. A hold left by a run that died (kill -9,
-    a power loss) is taken over, and said so. ends_cleanly lets go of it when the run ends."""
+    """Hold the folder --out for this run with an OS lock on out/run.lock (flock, or Windows' own): a
+    second run into it refuses in one line. The system lets go of the lock when its process ends,
+    however it ends (Ctrl-C, kill -9, a power loss), so nothing is left to take over; ends_cleanly
+    lets go when main() ends. The file itself stays: a second run must lock the same file."""
     created = not out.exists()  # a folder this run made is removed again if the run leaves nothing in it
     out.mkdir(parents=True, exist_ok=True)
-    lock = out / "run.lock"
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-          "born": process_state(os.getpid())[1]}
-    while not claim(lock, me):
-        holder = read_holder(lock)
-        if holder is None:  # let go of between the two calls: claim again
-            continue
-        who = f"process {holder['pid']} on {holder['host']}, started {holder['started']}"
-        if (holder["pid"], holder["host"]) == (me["pid"], me["host"]):  # this process, in an earlier main()
-            break
-        if running(holder):
-            raise SystemExit(f"error: --out {out} is in use by another run ({who}); wait for it to end, or pass "
-                             f"another --out")
-        print(f"note: --out {out} was held by a run that ended without letting go ({who}); this run takes it over")
-        if read_holder(lock) == holder:  # not already taken over by another run in the meantime
-            os.remove(lock)
+    lock = filelock.FileLock(out / "run.lock", timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise SystemExit(f"error: --out {out} is in use by another run; wait for it to end, or pass another "
+                         f"--out") from None
     HELD.append((lock, created))
 
 
-def claim(lock, me):
-    """Create `lock` holding `me` in one step unless it exists: a hard link to a file written before."""
-    handle, temporary = tempfile.mkstemp(prefix=".run.lock.", suffix=".tmp", dir=lock.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(me, file)
-        os.link(temporary, lock)
-        return True
-    except FileExistsError:
-        return False
-    except OSError:  # a file system without hard links: create it exclusively, then write it
-        try:
-            with open(lock, "x") as file:
-                json.dump(me, file)
-            return True
-        except FileExistsError:
-            return False
-    finally:
-        os.remove(temporary)
-
-
-def read_holder(lock):
-    """The run that `lock` names, or None once it is gone."""
-    try:
-        return json.loads(lock.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):  # not a run's: taken over, as the hold of a run that ended
-        return {"pid": None, "host": socket.gethostname(), "started": "at an unknown time", "born": None}
-
-
-def running(holder):
-    """Whether the process that wrote `holder` is still running: a process of that number, started when
-    it was (a number is reused once its process ends). On another machine, it cannot be told: yes."""
-    if holder["host"] != socket.gethostname() or holder["pid"] is None:
-        return holder["pid"] is not None
-    state, born = process_state(holder["pid"])
-    return state not in (None, "Z") and (born is None or holder["born"] is None or born == holder["born"])
-
-
-def process_state(pid):
-    """(state, start time) of a process: state None if there is none of that number, "Z" if it has ended
-    and awaits its parent; the start time in clock ticks where Linux's /proc tells it, else None."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return fields[0], int(fields[19])
-    except (OSError, IndexError, ValueError):
-        pass
-    if os.name == "nt":  # os.kill would end the process on Windows: ask for its exit code instead
-        import ctypes
-
-        kernel, code = ctypes.windll.kernel32, ctypes.c_ulong()
-        handle = kernel.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        alive = bool(handle) and kernel.GetExitCodeProcess(handle, ctypes.byref(code)) and code.value == 259
-        if handle:
-            kernel.CloseHandle(handle)
-        return ("R" if alive else None), None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None, None
-    except PermissionError:  # another user's: it exists
-        pass
-    return "R", None
-
-
 def let_go():
-    """Remove the run.lock files this process holds, and the folders it made for nothing."""
+    """Let go of the folders this process holds, and remove the ones it made for nothing."""
     while HELD:
         lock, created = HELD.pop()
-        if (read_holder(lock) or {}).get("pid") == os.getpid():
-            lock.unlink(missing_ok=True)
-        if created and lock.parent.is_dir() and not any(lock.parent.iterdir()):
-            lock.parent.rmdir()
+        folder = Path(lock.lock_file).parent
+        if created and [path.name for path in folder.iterdir()] == ["run.lock"]:
+            os.remove(lock.lock_file)  # still held: no other run can lock it in between
+            lock.release()
+            folder.rmdir()
+        else:
+            lock.release()
 
 
 def ends_cleanly(main):

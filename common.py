@@ -10,8 +10,9 @@
 The first run downloads the dataset into data/ (download.py). Each photo is decoded, its white
 margin cropped, padded to a white square (never stretched) and resized. The result is cached in
 data/processed/, so only the first run pays for decoding. The photos stay bytes (0-255), a quarter
-of the memory of floats: a catalogue of 44,000 photos at 128 px is 2.2 GB as bytes, 8.7 GB as
-float32. A model makes each batch floats when it reads it.
+of the memory of floats: a shop's catalogue fifteen times this dataset's (44,000 photos, the size
+docs/experiments.md measures with tools/redraw.py's stand-ins) is 2.2 GB at 128 px as bytes, 8.7
+GB as float32. A model makes each batch floats when it reads it.
 
 The dataset lists some photos under several ProductIds (byte-identical files, or the same photo
 re-encoded). A copy of a test photo in the training set would make the test score a memory test,
@@ -38,6 +39,8 @@ from PIL import Image, ImageChops, ImageDraw
 from torch.nn import functional as F
 from tqdm import tqdm  # comes with kagglehub
 
+from download import fetch_dataset
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
 REPO = Path(__file__).resolve().parent
 DEFAULT_DATA = REPO / "data"  # the repo's own data/, wherever the scripts are started from
@@ -46,12 +49,15 @@ SYNTHETIC = "synthetic"  # --data synthetic: the drawn catalogue, on purpose
 # The metadata every catalogue has, empty where a photo's is unknown (see read_metadata).
 COLUMNS = ["Gender", "Category", "SubCategory", "ProductType", "Colour", "Usage", "ProductTitle"]
 MIN_TRAIN, MIN_TEST = 2, 1  # products a run needs on each side of the split
-PREPROCESS_VERSION = 2  # bump when the pixels a file turns into change, so old caches are rebuilt
+PREPROCESS_VERSION = 3  # bump when the pixels a file turns into change, so old caches are rebuilt
 TEST_FRACTION = 0.1
 # Two photos whose 16x16 thumbnails are closer than this are copies of one photo. Measured on the
 # dataset: byte-identical files score over 60 dB, re-encoded copies 42-60 dB, and only 6 pairs of
 # other photos score over 36 dB (none between 39 and 42).
 NEAR_COPY_PSNR = 40
+# Copies are judged on the photo framed at this size whatever --image-size is, so that every size
+# finds the same groups (at other sizes a pair near the threshold could join or leave a group).
+GROUPING_SIZE = 64
 
 
 @dataclass
@@ -125,6 +131,15 @@ def frame_product(image, size, margin=0.04):
     return np.asarray(square)
 
 
+def copy_thumbnail(framed):
+    """A framed (GROUPING_SIZE, GROUPING_SIZE, 3) photo -> its 16x16 averages (768,) float32 in [0, 1],
+    channel by channel: what near_copy_groups compares. NumPy, not torch: it runs in the decoding
+    processes, where torch's threads, started before the fork, would hang."""
+    block = framed.shape[0] // 16
+    averages = framed.reshape(16, block, 16, block, 3).mean(axis=(1, 3), dtype=np.float64)  # (16, 16, 3)
+    return (averages.transpose(2, 0, 1).reshape(-1) / 255).astype(np.float32)
+
+
 class Unreadable(Exception):
     """A file that is not an image Pillow can read safely; the message says why."""
 
@@ -157,12 +172,16 @@ def opened_image(path, draft_size=None):
 
 
 def decode(path, size):
-    """One file to a framed array, or None when it cannot be read (corrupt, truncated, not an image)."""
+    """One file to (a framed (size, size, 3) array, its copy's thumbnail (768,) at GROUPING_SIZE), or None
+    when it cannot be read (corrupt, truncated, not an image)."""
     try:
         # Draft mode lets the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding: a 2400 px
         # original is decoded straight to ~300 px, which is most of the speed of a cold load.
-        with opened_image(path, (2 * size, 2 * size)) as image:
-            return frame_product(image, size)
+        framed = {}
+        for wanted in sorted({size, GROUPING_SIZE}):
+            with opened_image(path, (2 * wanted, 2 * wanted)) as image:
+                framed[wanted] = frame_product(image, wanted)
+        return framed[size], copy_thumbnail(framed[GROUPING_SIZE])
     except Unreadable:
         return None
 
@@ -210,20 +229,23 @@ def cache_key(root, paths, csv_path, size):
 
 
 def decode_files(paths, size):
-    """Every file decoded and framed: (pixels (n, size, size, 3) uint8 of the n readable ones, kept (N,) bool).
-    Each photo is written into one array as it arrives: no list of arrays stacked into a second copy."""
+    """Every file decoded and framed: (pixels (n, size, size, 3) uint8 of the n readable ones, their
+    thumbnails (n, 768) for near_copy_groups, kept (N,) bool). Each photo is written into one array as
+    it arrives: no list of arrays stacked into a second copy."""
     # Between Pillow's calls, framing a photo is Python, and threads would take turns at Python's
     # lock (measured: two threads decode barely faster than one). Processes keep every core busy;
     # each is handed the files 64 at a time.
     pixels, kept, count = np.empty((len(paths), size, size, 3), np.uint8), np.zeros(len(paths), bool), 0
-    # tqdm draws a progress bar on a terminal (44,000 photos take minutes), and nothing in a log.
+    fine = np.empty((len(paths), 3 * 16 * 16), np.float32)
+    # tqdm draws a progress bar on a terminal (a shop's 44,000 photos take minutes), and nothing in a log.
     with ProcessPoolExecutor(min(os.cpu_count() or 1, 8, len(paths))) as pool, \
             tqdm(total=len(paths), unit=" photos", disable=None, leave=False) as progress:
-        for i, array in enumerate(pool.map(decode, paths, [size] * len(paths), chunksize=64)):
-            if array is not None:
-                pixels[count], kept[i], count = array, True, count + 1
+        for i, decoded in enumerate(pool.map(decode, paths, [size] * len(paths), chunksize=64)):
+            if decoded is not None:
+                pixels[count], fine[count] = decoded
+                kept[i], count = True, count + 1
             progress.update()
-    return pixels[:count], kept
+    return pixels[:count], fine[:count], kept
 
 
 def load_folder(root, size, cache_dir):
@@ -240,9 +262,9 @@ def load_folder(root, size, cache_dir):
         skipped = skipped.tolist()
     else:
         print(f"decoding {len(paths)} images under {root} at {size} px (cached for next time) ...")
-        pixels, kept = decode_files(paths, size)
+        pixels, fine, kept = decode_files(paths, size)
         skipped = [str(p) for p, k in zip(paths, kept) if not k]
-        groups = near_copy_groups(pixels)
+        groups = near_copy_groups(fine)
         # Write to a temporary name, then rename: a killed run never leaves a half-written cache.
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         temporary = cache_file.with_suffix(f".tmp{os.getpid()}")
@@ -281,19 +303,18 @@ def connected_groups(pairs, count):
     return np.unique([root(i) for i in range(count)], return_inverse=True)[1].reshape(-1)
 
 
-def near_copy_groups(pixels, block=1024):
-    """A group id per image (N,): photos whose 16x16 thumbnails are within NEAR_COPY_PSNR dB of each
-    other share a group.
+def near_copy_groups(fine, block=1024):
+    """A group id per image (N,) from their 16x16 thumbnails (N, 768) (copy_thumbnail): photos whose
+    thumbnails are within NEAR_COPY_PSNR dB of each other share a group.
 
     Comparing every pair grows as N^2 (45 s for 29,000 photos). But an average never differs more
     than what it averages: two copies' 4x4 thumbnails are as close as their 16x16 ones, and so are
     their positions along any unit direction. Sorted along the 4x4 thumbnails' main direction, a
     photo's copies lie in a short stretch after it; only those pairs are compared on 4x4
     thumbnails, and only the few that pass on 16x16 ones."""
-    if len(pixels) < 2:
-        return np.zeros(len(pixels), dtype=np.int64)
-    fine = torch.cat([thumbnails(torch.from_numpy(pixels[i:i + block]).permute(0, 3, 1, 2))  # (N, 768)
-                      for i in range(0, len(pixels), block)])
+    if len(fine) < 2:
+        return np.zeros(len(fine), dtype=np.int64)
+    fine = torch.as_tensor(fine)
     coarse = F.avg_pool2d(fine.view(-1, 3, 16, 16), 4).flatten(1)  # (N, 48)
     max_error = 10 ** (-NEAR_COPY_PSNR / 10)  # PSNR > 40 dB  <=>  mean squared error < 1e-4
     centred = (coarse - coarse.mean(0)).double()
@@ -310,7 +331,7 @@ def near_copy_groups(pixels, block=1024):
         first, second = close.nonzero().T + start  # positions in the sorted order, first < second
         copies = ((fine[first] - fine[second]) ** 2).mean(1) < max_error
         pairs += zip(order[first[copies]].tolist(), order[second[copies]].tolist())
-    return connected_groups(pairs, len(pixels))
+    return connected_groups(pairs, len(fine))
 
 
 def split(names, groups, test_fraction=TEST_FRACTION):
@@ -347,8 +368,6 @@ def load_catalogue(data=None, image_size=64, cache_dir=None):
         raise SystemExit(f"error: --data {root}: no such folder")
     loaded = load_folder(root, image_size, cache_dir or CACHE_DIR) if data != SYNTHETIC and root.is_dir() else None
     if loaded is None and data is None:  # the repo's data/ holds no photos: the first run downloads them
-        from download import fetch_dataset  # imported here: download.py reads folders with this module's functions
-
         if fetch_dataset(root):
             loaded = load_folder(root, image_size, cache_dir or CACHE_DIR)
     if loaded is None and data not in (None, SYNTHETIC):
@@ -399,7 +418,7 @@ SHAPES = {
 def synthetic_catalogue(image_size, count=600):
     """`count` drawn products in varied colours, framed like real photos, with matching metadata."""
     rng = random.Random(0)
-    pixels, rows = [], []
+    pixels, grouped, rows = [], [], []
     for index in range(count):
         product_type = rng.choice(sorted(SHAPES))
         category, sub_category, genders, outline = SHAPES[product_type]
@@ -410,12 +429,12 @@ def synthetic_catalogue(image_size, count=600):
         shade = tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in COLOURS[colour])
         ImageDraw.Draw(canvas).polygon([(dx + x * scale, dy + y * scale) for x, y in outline], fill=shade)
         pixels.append(frame_product(canvas, image_size))
+        grouped.append(frame_product(canvas, GROUPING_SIZE))
         rows.append({"path": f"synthetic/{index}.png", "ProductId": str(index), "Gender": gender,
                      "Category": category, "SubCategory": sub_category, "ProductType": product_type,
                      "Colour": colour, "Usage": "Casual",
                      "ProductTitle": f"Synthetic {gender} {colour} {product_type}"})
-    pixels = np.stack(pixels)
-    return pixels, pd.DataFrame(rows), near_copy_groups(pixels)
+    return np.stack(pixels), pd.DataFrame(rows), near_copy_groups(np.stack([copy_thumbnail(g) for g in grouped]))
 
 
 # ----------------------------------------------------------------------------- the catalogue's rows

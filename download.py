@@ -5,21 +5,52 @@
 kagglehub.dataset_download fetches a public dataset without an account, shows its progress, and
 raises an OSError (requests' errors are OSErrors) when it cannot: no network, Kaggle refusing,
 busy or rate-limiting, a full disk. Each becomes one line that says why and what to do, and the
-run goes on with the drawn catalogue (common.load_catalogue). Not here: reading the photos
-(common.py).
+run goes on with the drawn catalogue (common.load_catalogue). Two first runs at once do not both
+download: the second waits for the first, and finds the photos. Not here: reading the photos
+(common.py, which imports this module; this one imports nothing of the project's).
 """
 
 import errno
 import os
 import shutil
+from pathlib import Path
 
-from common import find_csv, find_images
+import filelock  # comes with torch
 
 KAGGLE_DATASET = "vikashrajluhaniwal/fashion-images"
 DATASET_PHOTOS = 2906  # how many photos it holds; a download with under 90 % of them is not the dataset
+PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def dataset_in(folder):
+    """(the fashion.csv at the top of folder or up to two folders down, or None; how many photos lie under it)."""
+    found = sorted(Path(folder).glob("fashion.csv")) + sorted(Path(folder).glob("*/fashion.csv")) + \
+        sorted(Path(folder).glob("*/*/fashion.csv"))
+    photos = sum(1 for path in Path(folder).rglob("*") if path.suffix.lower() in PHOTO_EXTENSIONS)
+    return (found[0] if found else None), photos
 
 
 def fetch_dataset(root):
+    """The Kaggle dataset into root/fashion-images, once: root is held (an OS lock on
+    root/.download.lock) while it downloads, and a second run waits, then finds the photos there.
+    True once the photos are there; False, after one line that says why and what to do, when they
+    could not be fetched."""
+    root.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(root / ".download.lock", timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        print(f"waiting for another run, which is downloading the dataset into {root}/ ...", flush=True)
+        lock.acquire(timeout=-1)
+    try:
+        if dataset_in(root / "fashion-images")[1]:  # the run this one waited for has fetched it
+            return True
+        return download(root)
+    finally:
+        lock.release()
+
+
+def download(root):
     """The Kaggle dataset into root/fashion-images. It lands in a hidden folder, which find_images
     skips, and moves in only once it is whole and is the dataset (a fashion.csv, at least 90 % of the
     photos): an interrupted or wrong download is never read as photos, and the next run starts it
@@ -28,6 +59,10 @@ def fetch_dataset(root):
     staging, target = root / ".download", root / "fashion-images"
     by_hand = (f"download it by hand from https://www.kaggle.com/datasets/{KAGGLE_DATASET} and unzip it into "
                f"{root}/ (--data synthetic skips this step)")
+    if target.is_dir() and any(target.iterdir()):  # the download would have to land where this is
+        print(f"note: not downloading the dataset: {target}/ is there but holds no photos (a half-finished unzip?); "
+              f"finish unzipping the photos into it, or move it away and run again for the download")
+        return False
     print(f"downloading the Fashion Images dataset ({DATASET_PHOTOS:,} photos, about 380 MB) from "
           f"kaggle.com/datasets/{KAGGLE_DATASET} into {target}/, once ...", flush=True)
     shutil.rmtree(staging, ignore_errors=True)  # what an interrupted download left
@@ -35,13 +70,11 @@ def fetch_dataset(root):
         import kagglehub
 
         kagglehub.dataset_download(KAGGLE_DATASET, output_dir=str(staging))
-        csv_path, photos = find_csv(staging), len(find_images(staging))
-        csv_path = csv_path or next(iter(sorted(staging.glob("*/*/fashion.csv"))), None)  # a zip in a folder
+        csv_path, photos = dataset_in(staging)
         if csv_path is None or photos < 0.9 * DATASET_PHOTOS:
             print(f"error: the download holds {photos:,} photos and {'a' if csv_path else 'no'} fashion.csv, not the "
                   f"{DATASET_PHOTOS:,} photos of {KAGGLE_DATASET}, so it is not used: {by_hand}")
             return False
-        root.mkdir(parents=True, exist_ok=True)
         os.replace(csv_path.parent, target)
     except ImportError:
         print(f"note: could not download the dataset: kagglehub is not installed (pip install -r requirements.txt), "

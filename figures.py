@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from bookkeeping import written_whole
 from common import product_kinds
 
 
@@ -52,7 +53,8 @@ def save_grid(rows, labels, title, path, columns_titles=None):
             draw.text((left - 6, middle + 16 * number), line, fill="black", font=font, anchor="rm")
     for column, name in enumerate((columns_titles or [])[:columns]):
         draw.text((left + column * step + size * zoom / 2, top - 4), str(name), fill="black", font=small, anchor="md")
-    figure.save(path)
+    with written_whole(path) as temporary:
+        figure.save(temporary, format="PNG")
 
 
 def paste_grid(images, columns, gap=2):
@@ -94,7 +96,8 @@ def plot_curves(history, panels, path, log=()):
         axis.set(title=title, xlabel="epoch", yscale="log" if key in log else "linear")
         axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with written_whole(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
     plt.close(figure)
 
 
@@ -107,7 +110,8 @@ def save_images(images, folder, kind=None):
     for path in earlier:
         path.unlink()
     for i, image in enumerate(images):
-        Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(folder / f"sample_{i:04d}.png")
+        with written_whole(folder / f"sample_{i:04d}.png") as temporary:
+            Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(temporary, format="PNG")
     print(f"wrote {folder}/ ({len(images)} new products" + (f" of type {kind}" if kind else "") +
           (f"; the {len(earlier)} of an earlier call were removed)" if earlier else ")"))
 
@@ -183,7 +187,8 @@ def draw_code_plane(plane, decoded, kinds, shown, title, path):
     right.set(xlabel=names[0], ylabel=names[1] if dims == 2 else "", title="the grid's codes, decoded")
     figure.suptitle(title, fontsize=10)
     figure.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.88, wspace=0.25)
-    figure.savefig(path, dpi=100)
+    with written_whole(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
     plt.close(figure)
 
 
@@ -227,7 +232,8 @@ def plot_codes_against_prior(codes, active, threshold, title, path, shown=7):
     axis.legend(fontsize=6)
     figure.suptitle(title, fontsize=10)
     figure.subplots_adjust(left=0.05, right=0.98, bottom=0.09, top=0.87, hspace=0.45, wspace=0.3)
-    figure.savefig(path, dpi=100)
+    with written_whole(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
     plt.close(figure)
 
 

@@ -4,6 +4,7 @@ stand-ins for testing a training loop."""
 from contextlib import contextmanager
 from types import SimpleNamespace
 
+import filelock
 import kagglehub
 import pytest
 import requests
@@ -73,10 +74,17 @@ def losses_over_steps(make_model, loss_of_batch, steps=15):
 
 
 class Constant(torch.nn.Module):
-    """A stand-in model whose output is known: every pixel 0.5, whatever the input."""
+    """A stand-in model whose output is known: every pixel 0.5, whatever the input (and the DAE's noise level)."""
 
-    def forward(self, images):
+    def forward(self, images, level=None):
         return torch.full_like(images, 0.5)
+
+
+class Unchanged(torch.nn.Module):
+    """A stand-in denoiser that hands its input back, whatever the noise level it is told."""
+
+    def forward(self, images, level=None):
+        return images
 
 
 def epoch_args(**extra):
@@ -106,3 +114,16 @@ def ctrl_c_in_epoch(script, epoch, monkeypatch):
         yield
     finally:
         monkeypatch.setattr(script, "run_epoch", run_epoch)
+
+
+def held(folder):
+    """Whether a run holds `folder` now: its run.lock is locked (the file itself may stay behind)."""
+    if not (folder / "run.lock").exists():
+        return False
+    lock = filelock.FileLock(folder / "run.lock", timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        return True
+    lock.release()
+    return False

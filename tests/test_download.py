@@ -137,3 +137,35 @@ def http_error(status):
     (requests.ConnectTimeout("slow"), "no connection to Kaggle (ConnectTimeout)")])
 def test_each_way_a_download_fails_is_said_with_what_to_do(error, said):
     assert said in download.download_failure(error)
+
+
+def test_a_folder_in_the_way_without_photos_is_named_in_one_true_line(empty_data, monkeypatch, capsys):
+    fetch = kaggle()
+    monkeypatch.setattr(kagglehub, "dataset_download", fetch)
+    (empty_data / "fashion-images" / "Apparel").mkdir(parents=True)  # a half-finished unzip: folders, no photos
+    (empty_data / "fashion-images" / "readme.txt").write_text("unzipping ...")
+    assert download.fetch_dataset(empty_data) is False and not fetch.calls  # nothing downloaded in vain
+    said = lines(capsys.readouterr().out, "note:")
+    assert len(said) == 1 and f"{empty_data / 'fashion-images'}/ is there but holds no photos" in said[0]
+    assert "could not download" not in said[0]
+
+
+def test_a_second_first_run_waits_for_the_download_under_way_and_makes_none(empty_data, monkeypatch, capsys):
+    import threading
+
+    import filelock
+
+    fetch = kaggle()
+    monkeypatch.setattr(kagglehub, "dataset_download", fetch)
+    first = filelock.FileLock(empty_data / ".download.lock", timeout=0)
+    first.acquire()  # another run is downloading
+    result = []
+    second = threading.Thread(target=lambda: result.append(download.fetch_dataset(empty_data)))
+    second.start()
+    second.join(timeout=2)
+    assert second.is_alive() and not result  # it waits
+    write_catalogue(empty_data / "fashion-images")  # the first run's download lands
+    first.release()
+    second.join(timeout=30)
+    assert result == [True] and not fetch.calls
+    assert "waiting for another run, which is downloading the dataset" in capsys.readouterr().out

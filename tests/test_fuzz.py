@@ -118,3 +118,30 @@ def test_every_drawn_flag_combination_ends_normally_or_with_one_line(folder, tmp
     assert any(flags["--lr"] >= 1 and script == "ae" for script, flags in drawn)
     # Stopping is for runs that diverged: each of them stepped at over 5 times the default learning rate.
     assert diverged and all(lr > 5 * SCRIPTS[script].parse_args([]).lr for script, lr in diverged), diverged
+
+
+BAD_VALUES = {"--image-size": ["60", "16", "0"], "--epochs": ["0"], "--batch-size": ["-1"], "--lr": ["0", "-0.1"],
+              "--latent-dim": ["0"], "--device": ["nosuch", "cuda:7"], "--data": ["/no/such/folder"]}
+
+
+def test_a_bad_flag_is_named_before_anything_looks_at_out(folder, tmp_path, monkeypatch, capsys):
+    # A student who changes a flag to a bad value is told about that flag, not about the model in --out.
+    monkeypatch.setattr(common, "CACHE_DIR", tmp_path / "cache")
+    rng = random.Random(2030)
+    trained = {}
+    for script in SCRIPTS:
+        trained[script] = tmp_path / script
+        SCRIPTS[script].main(["--data", str(folder), "--out", str(trained[script]), "--device", "cpu", "--epochs", "1",
+                              "--image-size", "32", "--latent-dim", "4", "--batch-size", "8"])
+    capsys.readouterr()
+    for _ in range(9):
+        script, flag = rng.choice(sorted(SCRIPTS)), rng.choice(sorted(BAD_VALUES))
+        value = rng.choice(BAD_VALUES[flag])
+        if flag == "--device" and value.startswith("cuda") and torch.cuda.device_count() > 7:
+            continue
+        argv = ["--data", str(folder), "--out", str(trained[script]), "--device", "cpu", flag, value]
+        with pytest.raises(SystemExit):
+            SCRIPTS[script].main(argv)
+        said = capsys.readouterr()
+        message = (said.err + said.out).strip().splitlines()[-1]
+        assert f"{flag} " in message and "holds a model" not in message and "decoding" not in said.out, (argv, message)

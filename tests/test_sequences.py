@@ -23,7 +23,7 @@ import torch
 
 import ae
 import vae
-from conftest import ctrl_c_in_epoch
+from conftest import ctrl_c_in_epoch, held
 
 SCRIPTS = {"ae": ae, "vae": vae}
 SEQUENCES = int(os.environ.get("SEQUENCES", 8))
@@ -139,6 +139,6 @@ def test_drawn_sequences_of_commands_lose_no_finished_model_and_mix_no_files(tin
                     assert overwrite and folder == out, done
                 if after:
                     assert len(metrics_rows(folder)) == after[2], done  # one row per epoch of the model beside it
-                assert not (folder / "run.lock").exists(), done
+                assert not held(folder), done
     # The draw reaches the command that once replaced a finished model, and a Ctrl-C to a process of its own.
     assert reached and any(kind == "ctrl-c" for _, _, commands in sequences for kind, *_ in commands)

@@ -48,7 +48,7 @@ def main():
     with ProcessPoolExecutor(workers) as pool:
         timed("Pillow draft decode, processes",
               lambda: list(pool.map(draft_decode, paths, [size] * len(paths), chunksize=64)))
-    pixels, _ = timed("decode + framing", common.decode_files, paths, size)
+    pixels, *_ = timed("decode + framing", common.decode_files, paths, size)
     timed("near-copy grouping", common.near_copy_groups, pixels)
     del pixels
     with tempfile.TemporaryDirectory() as cache:
