@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -38,10 +37,11 @@ from PIL import ImageFilter
 from torch import nn
 
 import ae
+import classical
 import dae
 import shop
 import vae
-from bookkeeping import one_cycle, read_checkpoint
+from bookkeeping import ends_cleanly, one_cycle, read_checkpoint, written_whole
 from common import REPO, load_catalogue, product_kinds, select_device
 from figures import save_grid
 
@@ -90,8 +90,11 @@ def model_functions(name, model, device):
         encode, reconstruct = model.encode, model
     elif name == "vae":
         encode, reconstruct = (lambda x: model.encode(x)[0]), (lambda x: model(x)[0])
-    else:  # the DAE's code is a grid of S/4 x S/4; averaged to 4x4 it says what is in a photo more than where
-        encode, reconstruct = (lambda x: nn.functional.adaptive_avg_pool2d(model.encode(x), 4).flatten(1)), model
+    else:  # the DAE's code is a grid of S/4 x S/4; averaged to 4x4 it says what is in a photo more than where.
+        # It is told each photo's noise level as a user's photo would be: estimated from the photo alone.
+        encode = (lambda x: nn.functional.adaptive_avg_pool2d(model.encode(x, classical.estimate_noise_level(x)), 4)
+                  .flatten(1))
+        reconstruct = (lambda x: model(x, classical.estimate_noise_level(x)))
     decode = None if name == "dae" else model.decode
     return ({"encode": lambda images: in_batches(encode, images, device),
              "reconstruct": lambda images: in_batches(reconstruct, images, device).clamp(0, 1),
@@ -226,8 +229,8 @@ def train_classifier(catalogue, args):
     predicted = in_batches(model, catalogue.images[catalogue.test_index], args.device).argmax(1).tolist()
     accuracy = np.mean([classes[p] == label for p, label in zip(predicted, test_labels)])
     print(f"FD classifier: {len(classes)} ProductTypes, test accuracy {accuracy:.3f} ({time.time() - tick:.0f} s)")
-    torch.save({"key": key, "state_dict": model.state_dict()}, cache.with_suffix(".tmp"))
-    os.replace(cache.with_suffix(".tmp"), cache)
+    with written_whole(cache) as temporary:
+        torch.save({"key": key, "state_dict": model.state_dict()}, temporary)
     print(f"wrote {cache} (used again while the photos and its recipe stay the same)")
     return model, classes
 
@@ -302,6 +305,7 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
+@ends_cleanly  # Ctrl-C anywhere ends in one line, every file it wrote whole
 def main(argv=None):
     args = parse_args(argv)
     args.device = select_device(args.device)
@@ -353,7 +357,7 @@ def main(argv=None):
     # Two yardsticks for the distances: the test photos (as good as samples can be), and the training
     # photos themselves blurred by one pixel (what a distance says of sharpness alone).
     test_photos = catalogue.images[catalogue.test_index]
-    blurred = dae.pillow_filter(train_images, ImageFilter.GaussianBlur(1))
+    blurred = classical.pillow_filter(train_images, ImageFilter.GaussianBlur(1))
     floor = {"classifier_fd": frechet(features["classifier"](test_photos), features["classifier_train"]),
              "pixel_fd": frechet(to_pixels(test_photos), features["pixels_train"]),
              "classifier_fd_blurred": frechet(features["classifier"](blurred), features["classifier_train"]),
@@ -369,8 +373,10 @@ def main(argv=None):
             f"Samples of one type that the classifier calls that type (and reconstructions of the test photos of "
             f"that type): {recognised}")
     print(table + "\n" + note)
-    (args.out / "table.md").write_text(table + "\n\n" + note + "\n")
-    (args.out / "summary.json").write_text(json.dumps({"rows": rows, "floor": floor}, indent=1))
+    summary = json.dumps({"rows": rows, "floor": floor}, indent=1)
+    for name, text in (("table.md", table + "\n\n" + note + "\n"), ("summary.json", summary)):
+        with written_whole(args.out / name) as temporary:
+            Path(temporary).write_text(text)
     tag = " [SYNTHETIC catalogue]" if catalogue.synthetic else ""
     save_grid(list(outputs.values()), [name.replace(".py", "").upper() if ".py" in name else "PCA" for name in outputs],
               "The same 8 test products, reconstructed from clean photos" + tag, args.out / "same_products.png")

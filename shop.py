@@ -162,7 +162,7 @@ def evaluate_search(encode, codes, catalogue, args):
             result[f"precision@5_{column}"] = precision_at_k([labels[i] for i in test.tolist()], labels, neighbours)
     print(f"search over {len(train)} catalogue products with {len(test)} test queries: "
           + ", ".join(f"{key} {value:.3f}" for key, value in result.items()))
-    with open(args.out / "search.csv", "w", newline="") as handle:
+    with written_whole(args.out / "search.csv") as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(result))
         writer.writeheader()
         writer.writerow(result)
@@ -376,7 +376,7 @@ def find_duplicates(catalogue, codes, args):
     groups = torch.from_numpy(connected_groups(pairs, len(codes)))
     listed = [g for g in groups.unique().tolist() if (groups == g).sum() > 1]
     listed.sort(key=lambda g: -best[groups == g].max().item())
-    with open(args.out / "duplicates.csv", "w", newline="") as handle:
+    with written_whole(args.out / "duplicates.csv") as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["group", "ProductId", "ProductTitle", "similarity"])
         for number, group in enumerate(listed, 1):
@@ -399,6 +399,26 @@ def find_duplicates(catalogue, codes, args):
 
 
 # ----------------------------------------------------------------------------- cleaning a shop's own photos
+@torch.no_grad()
+def in_tiles(denoise, photo, tile=256, margin=16):
+    """(3, H, W) of any size -> (3, H, W) through `denoise` ((1, 3, h, w) -> (1, 3, h, w)), a fully
+    convolutional net, run on tiles of `tile` pixels, each with a `margin` of context all round that
+    is cut off again: a photo larger than memory allows is cleaned a piece at a time, without seams.
+    The last row and column of pixels are repeated until every tile's size divides by 4, as the DAE needs."""
+    _, height, width = photo.shape
+    cleaned = torch.empty_like(photo)
+    for top in range(0, height, tile):
+        for left in range(0, width, tile):
+            bottom, right = min(top + tile, height), min(left + tile, width)
+            y0, x0 = max(0, top - margin), max(0, left - margin)
+            window = photo[:, y0:min(height, bottom + margin), x0:min(width, right + margin)]
+            pad_y, pad_x = -window.shape[1] % 4, -window.shape[2] % 4
+            padded = torch.nn.functional.pad(window[None], (0, pad_x, 0, pad_y), mode="replicate")
+            out = denoise(padded)[0]
+            cleaned[:, top:bottom, left:right] = out[:, top - y0:bottom - y0, left - x0:right - x0]
+    return cleaned
+
+
 def clean_photos(denoise, paths, out):
     """dae.py --clean: each photo file through `denoise` at its own size, into OUT/<name>_clean.png.
     A file that cannot or must not be read is named on one line, and the others are still cleaned."""
@@ -415,7 +435,8 @@ def clean_photos(denoise, paths, out):
         target = out / f"{path.stem}_clean.png"
         if target.resolve() == path.resolve():  # never write over the photo it came from
             target = out / f"{path.stem}_clean_again.png"
-        Image.fromarray((cleaned.permute(1, 2, 0) * 255).round().byte().numpy()).save(target)
+        with written_whole(target) as temporary:
+            Image.fromarray((cleaned.permute(1, 2, 0) * 255).round().byte().numpy()).save(temporary, format="PNG")
         print(f"wrote {target} ({path} cleaned at its own size, {photo.shape[2]}x{photo.shape[1]})")
     if failed:
         raise SystemExit(f"error: --clean: {failed} of {len(paths)} files could not be read (named above); "

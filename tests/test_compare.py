@@ -9,6 +9,7 @@ import torch
 from PIL import ImageFilter
 
 import ae
+import classical
 import common
 import compare
 import dae
@@ -75,7 +76,7 @@ def test_the_classifier_distance_is_zero_for_a_set_against_itself_and_grows_with
     photos = catalogue.images[catalogue.train_index]
     features = compare.in_batches(classifier.features, photos, args.device)
     assert abs(compare.frechet(features, features)) < 1e-6
-    distances = [compare.frechet(compare.in_batches(classifier.features, dae.pillow_filter(
+    distances = [compare.frechet(compare.in_batches(classifier.features, classical.pillow_filter(
         photos, ImageFilter.GaussianBlur(radius)), args.device), features) for radius in (0.5, 1.5, 3)]
     assert 0 < distances[0] < distances[1] < distances[2]
     assert (tmp_path / "classifier.pt").is_file()  # cached: a second run loads it

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+import classical
 import common
 import dae
-from conftest import Constant, epoch_args, losses_over_steps, per_image_mean
+from conftest import Constant, Unchanged, epoch_args, losses_over_steps, per_image_mean
 
 GREY = torch.full((4, 3, 32, 32), 0.5)
 
@@ -65,8 +66,8 @@ def test_psnr_on_known_values():
 def test_any_size_that_divides_by_4_keeps_its_shape_and_a_spatial_code(height, width):
     model = dae.DenoisingAutoencoder(64, 16).eval()
     images = torch.rand(2, 3, height, width)
-    assert model.encode(images).shape == (2, 16, height // 4, width // 4)
-    out = model(images)
+    assert model.encode(images, 0.1).shape == (2, 16, height // 4, width // 4)
+    out = model(images, torch.tensor([0.1, 0.2]))
     assert out.shape == images.shape and 0 <= out.min() and out.max() <= 1
 
 
@@ -75,7 +76,7 @@ def test_the_model_predicts_the_noise_and_subtracts_it():
     torch.nn.init.zeros_(model.to_noise[-2].weight)
     torch.nn.init.zeros_(model.to_noise[-2].bias)  # a noise estimate of 0: the photo passes unchanged
     images = torch.rand(2, 3, 32, 32)
-    assert torch.equal(model(images), images)
+    assert torch.equal(model(images, 0.1), images)
 
 
 def test_jpeg_noise_is_a_real_jpeg_and_a_lower_quality_does_more_damage():
@@ -97,7 +98,7 @@ def test_run_epoch_compares_the_output_with_the_clean_images():
     result = dae.run_epoch(Constant(), photos, args)
     assert result["loss"] == pytest.approx(per_image_mean(lambda x: ((x - 0.5) ** 2).sum().item(), images))
     assert result["psnr"] == pytest.approx(per_image_mean(lambda x: -10 * math.log10(((x - 0.5) ** 2).mean()), images))
-    copy = dae.run_epoch(torch.nn.Identity(), photos, args)  # returns the noisy input: loss is the noise, not 0
+    copy = dae.run_epoch(Unchanged(), photos, args)  # returns the noisy input: loss is the noise, not 0
     assert copy["loss"] > 3 and copy["psnr"] == pytest.approx(copy["psnr_noisy"])
 
 
@@ -111,15 +112,20 @@ def test_the_denoising_table_scores_at_most_table_products_spread_over_the_test_
     rows, _ = dae.evaluate_denoising(model, catalogue, args)
     test = catalogue.test_index
     clean = catalogue.images[test[[0, (len(test) - 1) // 2, len(test) - 1]]].float() / 255  # first, middle, last
-    with torch.no_grad():  # strength 0: the DAE is handed the clean photos themselves
-        assert rows[0]["DAE"] == pytest.approx(dae.psnr(model(clean), clean).mean().item(), abs=1e-4)
+    with torch.no_grad():  # strength 0: the DAE is handed the clean photos themselves, at a noise level of 0
+        assert rows[0]["DAE"] == pytest.approx(dae.psnr(model(clean, 0.0), clean).mean().item(), abs=1e-4)
         everything = catalogue.images[test].float() / 255
-        assert rows[0]["DAE"] != pytest.approx(dae.psnr(model(everything), everything).mean().item(), abs=1e-2)
+        assert rows[0]["DAE"] != pytest.approx(dae.psnr(model(everything, 0.0), everything).mean().item(), abs=1e-2)
+        # OpenCV's NLM has its column, scored on the same noisy photos, told their true noise level
+        noisy = dae.add_noise(clean, "gaussian", 0.1, torch.Generator().manual_seed(0))
+        nlm = dae.psnr(classical.nlm_filter(noisy, dae.noise_level(noisy, clean)), clean).mean().item()
+        assert rows[2]["strength"] == 0.1 and rows[2]["OpenCV NLM"] == pytest.approx(nlm, abs=1e-4)
 
 
 def test_a_few_steps_on_one_batch_lower_the_loss():
     def denoising_loss(model, images):
-        return dae.reconstruction_loss(model(dae.add_noise(images, "gaussian", 0.1)), images)
+        noisy = dae.add_noise(images, "gaussian", 0.1)
+        return dae.reconstruction_loss(model(noisy, dae.noise_level(noisy, images)), images)
 
     losses = losses_over_steps(lambda: dae.DenoisingAutoencoder(32, 8), denoising_loss)
     assert losses[-1] < 0.9 * losses[0]
@@ -180,10 +186,11 @@ def test_training_draws_each_images_noise_strength_and_the_test_uses_the_flag(mo
 
     monkeypatch.setattr(dae, "add_noise", recorded)
     photos = torch.randint(0, 256, (400, 3, 8, 8), dtype=torch.uint8)
-    model = torch.nn.Conv2d(3, 3, 1)
+    model = dae.DenoisingAutoencoder(32, 8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     args = epoch_args(noise="gaussian", noise_strength=0.3)
-    dae.run_epoch(model, photos, args, optimizer, torch.Generator().manual_seed(0))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    dae.run_epoch(model, photos, args, optimizer, torch.Generator().manual_seed(0), schedule)
     trained = torch.cat(strengths)  # one strength per image, uniform on [0, 2 x 0.3]: "blind" denoising
     assert len(trained) == 400 and len(trained.unique()) == 400
     assert 0 <= trained.min() < 0.03 and 0.57 < trained.max() <= 0.6 and abs(trained.mean() - 0.3) < 0.03
@@ -227,3 +234,49 @@ def test_clean_names_a_decompression_bomb_in_one_line_and_cleans_the_photos_arou
     assert (tmp_path / "out" / "a_clean.png").is_file() and (tmp_path / "out" / "b_clean.png").is_file()
     named = [line for line in printed[1:] if "bomb.png" in line]  # after the line that reruns the command
     assert len(named) == 1 and "decompression bomb" in named[0] and named[0].startswith("error: --clean")
+
+
+def test_the_model_is_told_each_images_noise_level_as_a_channel_of_its_own():
+    clean = torch.rand(3, 3, 16, 16)
+    noisy = clean + torch.tensor([0.0, 0.1, 0.3]).view(3, 1, 1, 1) * torch.randn(3, 3, 16, 16)
+    level = dae.noise_level(noisy, clean)
+    assert level[0] == 0 and 0.09 < level[1] < 0.11 and 0.27 < level[2] < 0.33  # the noise's root mean square
+    inputs = dae.DenoisingAutoencoder(32, 8).with_level(noisy, level)
+    assert inputs.shape == (3, 13, 8, 8) and torch.equal(inputs[:, :12], torch.nn.PixelUnshuffle(2)(noisy))
+    assert torch.equal(inputs[:, 12], level.view(3, 1, 1).expand(3, 8, 8))
+    model = dae.DenoisingAutoencoder(32, 8).eval()  # an untrained model's output depends on the level too
+    assert not torch.equal(model(noisy, 0.0), model(noisy, 0.3))
+
+
+def test_the_noise_level_of_a_users_photo_is_estimated_from_the_photo_alone():
+    generator = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(0.2, 0.8, 96).view(1, 1, 1, 96).expand(2, 3, 96, 96)  # a smooth photo: only noise is left
+    for sigma in (0.02, 0.05, 0.1):
+        estimate = classical.estimate_noise_level(ramp + sigma * torch.randn(ramp.shape, generator=generator))
+        assert estimate.shape == (2,) and torch.allclose(estimate, torch.full((2,), sigma), rtol=0.05)
+    assert classical.estimate_noise_level(ramp).max() < 1e-5
+
+
+def test_nlm_denoises_each_photo_from_its_own_noisy_pixels():
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.nn.functional.avg_pool2d(torch.rand(2, 3, 32, 32, generator=generator), 5, 1, 2)
+    noisy = dae.add_noise(clean, "gaussian", 0.1, generator)
+    level = dae.noise_level(noisy, clean)
+    filtered = classical.nlm_filter(noisy, level)
+    assert filtered.shape == noisy.shape and (dae.psnr(filtered, clean) > dae.psnr(noisy, clean) + 1).all()
+    swapped = classical.nlm_filter(noisy.flip(0), level.flip(0))  # another input, another output: photo by photo
+    assert torch.equal(swapped, filtered.flip(0)) and not torch.equal(swapped, filtered)
+    other = classical.nlm_filter(dae.add_noise(clean, "gaussian", 0.1, generator), level)
+    assert not torch.equal(other, filtered)
+
+
+def test_the_classical_denoisers_tool_without_bm3d_says_so_in_one_line(monkeypatch):
+    import sys
+    sys.path.insert(0, str(common.REPO / "tools"))
+    import classical_denoisers
+
+    monkeypatch.setitem(sys.modules, "bm3d", None)  # an import of bm3d now fails, as where it is not installed
+    with pytest.raises(SystemExit) as stop:
+        classical_denoisers.main(["--checkpoint", "no/such/model.pt"])
+    message = str(stop.value.code)
+    assert "\n" not in message and message.startswith("error: the bm3d package is not installed (pip install bm3d")
