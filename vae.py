@@ -26,7 +26,7 @@ first the decoder draws a blurred average and detail in the code buys little; as
 detail, and sigma^2 falls with its error, each nat the code spends buys more.
 
 Sampling, in the textbook's order (below): z ~ N(0, I) draws smudges here. Most code numbers alone
-are close to N(0, 1) (in the default run their variances run from 0.7 to 7, median 1.06), but they
+are close to N(0, 1) (in a default run their variances run from 0.7 to about 8, median 1.06), but they
 are correlated: along their main directions the codes spread from 18 times the prior's variance to
 a hundredth of it (codes_vs_prior.png), so most draws land where no photo's code is. A Gaussian
 fitted to the codes draws products (Ghosh et al. 2019), one per product type draws each as often
