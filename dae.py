@@ -217,7 +217,8 @@ def psnr(recon, images):
 # ----------------------------------------------------------------------------- training
 def run_epoch(model, images, args, optimizer=None, generator=None, schedule=None):
     """One pass over `images` in batches, noisy in and clean out; trains when given an optimizer (and
-    steps its learning-rate schedule after each batch). Returns the means per image: {"loss": ..., "psnr_noisy": (of the input), "psnr": (of the output)}."""
+    steps its learning-rate schedule after each batch). Returns the means per image:
+    {"loss": ..., "psnr_noisy": (of the input), "psnr": (of the output)}."""
     training = optimizer is not None
     model.train(training)
     order = torch.randperm(len(images), generator=generator) if training else torch.arange(len(images))
@@ -251,7 +252,7 @@ def train_model(model, train_images, test_images, history, state, args):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=ADAM_BETAS, fused=True)
     # One cycle, as in ae.py and vae.py, stepped after each batch: the learning rate climbs from lr/25
     # to --lr over the first WARMUP of the steps, then falls to ~0 along a cosine. A cosine from a
-    # fixed rate ended 1.7 dB lower: its test PSNR still jumped by half a dB between late epochs.
+    # fixed rate left the test PSNR jumping by half a dB between late epochs.
     schedule = one_cycle(optimizer, args.lr, args.epochs * math.ceil(len(train_images) / args.batch_size), WARMUP)
     generator = torch.Generator().manual_seed(args.seed)
     if args.resume:
@@ -288,7 +289,8 @@ def evaluate_denoising(model, catalogue, args):
     """PSNR on the test set (seeded noise) of the noisy input, three classical denoisers and the DAE,
     and by how much the DAE beats the best of the others: the trained kind from no noise to twice
     --noise-strength, then every other kind at its own default strength. NLM and the DAE are handed
-    each photo's true noise level, as BM3D is handed its sigma (tools/classical_denoisers.py). Returns the table's rows and, for the figures, 8
+    each photo's true noise level, as BM3D is handed its sigma (tools/classical_denoisers.py).
+    Returns the table's rows and, for the figures, 8
     products' images of each kind at the strength named in the figure's title."""
     clean = catalogue.images[shown_products(catalogue, min(TABLE_PRODUCTS, len(catalogue.test_index)))].float() / 255
     shown = torch.linspace(0, len(clean) - 1, 8).long()  # the figures' 8 products: fixed, spread over those scored
@@ -336,7 +338,8 @@ def evaluate_denoising(model, catalogue, args):
 @torch.no_grad()
 def make_figures(catalogue, history, outputs, args):
     tag = " [SYNTHETIC catalogue]" if catalogue.synthetic else ""  # so no one mistakes it for real results
-    trained = f"a DAE trained on {args.noise} noise of strength 0 to {2 * args.noise_strength:g}"
+    trained = (f"a DAE trained on {args.noise} noise of strength 0 to {2 * args.noise_strength:g}, told each "
+               f"photo's noise level")
     for kind, candidates in outputs.items():
         shown = (f"{kind} noise of strength {candidates['strength']:g}"
                  + (f" (quality {round(100 * (1 - candidates['strength']))})" if kind == "jpeg" else "")
@@ -361,9 +364,13 @@ def main(argv=None):
     history = restore(model, state)[0]  # the loaded run's epochs; [] for a new one
     if args.clean:  # the user's own photos: no catalogue needed
         args.out.mkdir(parents=True, exist_ok=True)
-        model.eval()  # each photo at its own size, in tiles, at the noise level estimated in the whole photo
-        return shop.clean_photos(lambda photo: shop.in_tiles(lambda tile: model(
-            tile.to(args.device), estimate_noise_level(photo[None])).cpu(), photo), args.clean, args.out)
+        model.eval()
+
+        def clean(photo):  # at its own size, in tiles, at the noise level estimated in the whole photo
+            level = estimate_noise_level(photo[None])
+            return shop.in_tiles(lambda tile: model(tile.to(args.device), level).cpu(), photo)
+
+        return shop.clean_photos(clean, args.clean, args.out)
     catalogue = load_catalogue(args.data, args.image_size)
     train_images, test_images = catalogue.images[catalogue.train_index], catalogue.images[catalogue.test_index]
     prepare_out(args, catalogue, state)

@@ -7,7 +7,8 @@ photos and seeded gaussian noise: OpenCV's non-local means and BM3D (Dabov et al
 BM3D's package (`pip install bm3d`) may not be used commercially, so the repo does not depend on it:
 this tool imports it only when it is installed, and says so in one line when it is not. BM3D is
 handed the noise's true sigma, NLM and the DAE each photo's true noise level, as dae.py's table does.
-BM3D takes one to three seconds a photo here (--products 100 is ~10 minutes): its scores are cached in data/processed/, keyed on the photos,
+BM3D takes one to three seconds a photo here (--products 100 is ~10 minutes): its scores are cached
+in data/processed/, keyed on the photos,
 the noise and the sigma, so a second model is measured in seconds.
 
 --calibrate-nlm measures, on 100 training photos (never the test photos the table scores), which
@@ -55,7 +56,8 @@ def bm3d_scores(clean, noisy, sigma):
     for number, image in enumerate(noisy):
         denoised.append(torch.from_numpy(bm3d.bm3d_rgb(image.permute(1, 2, 0).double().numpy(), sigma)).float())
         if number % 50 == 49:
-            print(f"  BM3D at sigma {sigma:g}: {number + 1} of {len(noisy)} photos, {time.time() - tick:.0f} s", flush=True)
+            print(f"  BM3D at sigma {sigma:g}: {number + 1} of {len(noisy)} photos, {time.time() - tick:.0f} s",
+                  flush=True)
     scores = dae.psnr(torch.stack(denoised).permute(0, 3, 1, 2).clamp(0, 1), clean)
     cache.parent.mkdir(parents=True, exist_ok=True)
     with written_whole(cache) as temporary:
