@@ -8,8 +8,8 @@ BM3D's package (`pip install bm3d`) may not be used commercially, so the repo do
 this tool imports it only when it is installed, and says so in one line when it is not. BM3D is
 handed the noise's true sigma, NLM and the DAE each photo's true noise level, as dae.py's table does.
 BM3D takes one to three seconds a photo here (--products 100 is ~10 minutes): its scores are cached
-in data/processed/, keyed on the photos,
-the noise and the sigma, so a second model is measured in seconds.
+in data/processed/, keyed on the photos, the noise and the sigma, so a second model is measured in
+seconds.
 
 --calibrate-nlm measures, on 100 training photos (never the test photos the table scores), which
 NLM strength h per unit of noise level does best: the value classical.NLM_STRENGTH holds.
