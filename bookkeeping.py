@@ -75,8 +75,11 @@ def check_flags(parser, args):
                      "training writes OUT/model.pt")
     if getattr(args, "duplicates", None) is not None and not -1 <= args.duplicates <= 1:
         parser.error("--duplicates must be a cosine similarity between -1 and 1")
-    if getattr(args, "num_samples", 0) < 0 or getattr(args, "beta", 0) < 0:
-        parser.error("--num-samples and --beta cannot be negative")
+    if getattr(args, "num_samples", 0) < 0:
+        parser.error("--num-samples cannot be negative")
+    for flag in ("beta", "edge_weight"):  # vae.py's weights in its loss
+        if not 0 <= getattr(args, flag, 0) < math.inf:
+            parser.error(f"{flag_name(flag)} must be a number, at least 0")
     return args
 
 
@@ -132,6 +135,8 @@ def load_checkpoint(path, script, args, defaults, flags, given="--checkpoint"):
     the command line sets to another value than the saved one is an error naming it."""
     state, restored = read_checkpoint(path, script, given), []
     for flag in flags:
+        if flag not in state["args"]:  # a model.pt from before the flag: the script says what it was trained with
+            continue
         saved, given = state["args"].get(flag), getattr(args, flag)
         if flag == "data" and given is not None:  # the photos may have moved: a --data given wins
             continue

@@ -16,7 +16,8 @@ as the AE's code) on four axes:
                      idea of FID), and on the principal components of 16x16 thumbnails ("pixel FD");
                      and samples of one type (TYPES, drawn as the scripts' one_kind draws them), how
                      often the classifier calls them that type
-                     (and its reconstructions of the test photos of that type: what blur alone costs)
+                     (and its reconstructions of the test photos of that type: what blur alone costs);
+                     and the samples' sharpness: their edge energy over the training photos' (1: as sharp)
     cost             seconds per training epoch (median) and parameters, from each checkpoint
 
 Run:    python compare.py                        (after the default runs; a model not trained is left out)
@@ -167,6 +168,11 @@ def frechet(a, b):
     return (((a.mean(0) - b.mean(0)) ** 2).sum() + covariance_a.trace() + covariance_b.trace() - 2 * cross).item()
 
 
+def edge_energy(images):
+    """The mean squared difference between neighbouring pixels (across and down): what blur removes."""
+    return ((images.diff(dim=-1) ** 2).mean() + (images.diff(dim=-2) ** 2).mean()).item() / 2
+
+
 def pixel_features(photos, components=32):
     """Images -> their coordinates on the photos' first principal components of 16x16 thumbnails."""
     reference = nn.functional.adaptive_avg_pool2d(photos, 16).flatten(1).double()
@@ -271,6 +277,7 @@ def measure(name, functions, catalogue, features, classify, args):
         samples = functions["decode"](z)
         row[f"classifier_fd_{kind}"] = frechet(features["classifier"](samples), features["classifier_train"])
         row[f"pixel_fd_{kind}"] = frechet(features["pixels"](samples), features["pixels_train"])
+        row[f"sharpness_{kind}"] = edge_energy(samples) / edge_energy(images[train])
     for kind in TYPES:  # new products of one type: does the classifier see that type?
         if kind in fitted["kinds"]:
             z = ae.sample_codes(ae.one_kind(fitted, kind), 200, torch.Generator().manual_seed(args.seed))
@@ -290,9 +297,9 @@ def cell(value, digits=3):
 
 def markdown_table(rows):
     lines = ["| | clean PSNR (dB) | PSNR, noise 0.1 in | code size | precision@5 type / colour | "
-             "probe type / category | classifier FD: mixture / one Gaussian | pixel FD: mixture / one | s/epoch | "
-             "parameters |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "probe type / category | classifier FD: mixture / one Gaussian | pixel FD: mixture / one | "
+             "sharpness: mixture | s/epoch | parameters |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         classifier_fd, pixel_fd = (" / ".join(cell(row.get(f"{measure}_{kind}"), digits) for kind in ("mixture", "one"))
                                    + (f" (prior {row[f'{measure}_prior']:,.{digits}f})" if f"{measure}_prior" in row
@@ -301,6 +308,7 @@ def markdown_table(rows):
                      f"{cell(row['code_size'])} | {cell(row['precision@5_ProductType'])} / "
                      f"{cell(row['precision@5_Colour'])} | {cell(row['probe_ProductType'])} / "
                      f"{cell(row['probe_Category'])} | {classifier_fd} | {pixel_fd} | "
+                     f"{cell(row.get('sharpness_mixture'), 2)} | "
                      f"{cell(row.get('seconds_per_epoch'), 2)} | {cell(row.get('parameters'))} |")
     return "\n".join(lines)
 
@@ -361,7 +369,9 @@ def main(argv=None):
     floor = {"classifier_fd": frechet(features["classifier"](test_photos), features["classifier_train"]),
              "pixel_fd": frechet(to_pixels(test_photos), features["pixels_train"]),
              "classifier_fd_blurred": frechet(features["classifier"](blurred), features["classifier_train"]),
-             "pixel_fd_blurred": frechet(to_pixels(blurred), features["pixels_train"])}
+             "pixel_fd_blurred": frechet(to_pixels(blurred), features["pixels_train"]),
+             "sharpness": edge_energy(test_photos) / edge_energy(train_images),
+             "sharpness_blurred": edge_energy(blurred) / edge_energy(train_images)}
     table = markdown_table(rows)
     recognised = "; ".join(f"{row['model']} " + ", ".join(f"{kind} {row[f'recognised_{kind}']:.2f} (reconstructions "
                                                           f"{cell(row[f'recognised_{kind}_reconstructed'], 2)})"
@@ -369,7 +379,8 @@ def main(argv=None):
                            for row in rows if any(f"recognised_{kind}" in row for kind in TYPES))
     note = (f"FD of the {len(test_photos)} test photos against the training photos: classifier "
             f"{floor['classifier_fd']:.1f}, pixel {floor['pixel_fd']:.2f}; of the training photos blurred by 1 px: "
-            f"{floor['classifier_fd_blurred']:.1f}, {floor['pixel_fd_blurred']:.2f}. "
+            f"{floor['classifier_fd_blurred']:.1f}, {floor['pixel_fd_blurred']:.2f}. Sharpness of the test photos "
+            f"{floor['sharpness']:.2f}, of the blurred ones {floor['sharpness_blurred']:.2f}. "
             f"Samples of one type that the classifier calls that type (and reconstructions of the test photos of "
             f"that type): {recognised}")
     print(table + "\n" + note)

@@ -40,7 +40,7 @@ def test_every_model_and_baseline_gets_every_column(three_models, tmp_path, caps
     assert by_name["dae.py"]["code_size"] == 8 * 16  # its grid averaged to 4x4
     assert "classifier_fd_mixture" not in by_name["dae.py"]  # a code alone cannot be decoded
     assert {"classifier_fd_mixture", "classifier_fd_one", "classifier_fd_prior", "pixel_fd_mixture",
-            "recognised_Tshirts"} <= set(by_name["vae.py"])
+            "recognised_Tshirts", "sharpness_mixture"} <= set(by_name["vae.py"])
     assert 0 <= by_name["ae.py"]["recognised_Tshirts"] <= 1 and "recognised_Sports Shoes" not in by_name["ae.py"]
     assert 0 <= by_name["ae.py"]["recognised_Tshirts_reconstructed"] <= 1
     assert by_name["ae.py"]["parameters"] > 1000 and by_name["ae.py"]["seconds_per_epoch"] > 0
@@ -92,6 +92,17 @@ def test_the_linear_probe_reads_separable_labels_and_not_shuffled_ones():
     assert compare.linear_probe(codes[:150], labels[:150], codes[150:], labels[150:]) == 1.0
     shuffled = [labels[i] for i in torch.randperm(200).tolist()]
     assert 0.25 < compare.linear_probe(codes[:150], shuffled[:150], codes[150:], shuffled[150:]) < 0.75
+
+
+def test_sharpness_is_the_edge_energy_that_blur_removes_and_an_even_shift_keeps():
+    torch.manual_seed(0)
+    photos = torch.rand(20, 3, 16, 16)
+    blurred = (photos + photos.roll(1, -1) + photos.roll(1, -2) + photos.roll((1, 1), (-2, -1))) / 4
+    assert compare.edge_energy(photos + 0.2) == pytest.approx(compare.edge_energy(photos))
+    assert compare.edge_energy(blurred) < 0.5 * compare.edge_energy(photos)
+    stripes = torch.zeros(1, 3, 4, 4)
+    stripes[..., ::2] = 1  # across: every difference is 1; down: none
+    assert compare.edge_energy(stripes) == pytest.approx(0.5)
 
 
 def test_the_pixel_frechet_distance_is_zero_for_the_same_set_and_grows_with_the_difference():

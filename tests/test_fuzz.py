@@ -58,6 +58,7 @@ def draw_flags(rng, script, training_photos):
         flags["--bf16"] = None
     if script == "vae":
         flags["--beta"] = rng.choice([0.0, 1.0, 10 ** rng.uniform(-2, 3)])
+        flags["--edge-weight"] = rng.choice([0.0, 1.0, 10 ** rng.uniform(-2, 2)])
     if script in ("ae", "vae"):
         flags["--num-samples"] = rng.randint(0, 3)
         if rng.random() < 0.3:

@@ -3,13 +3,15 @@
 import math
 import re
 import shutil
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.distributions import Normal, kl_divergence
+from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
 import ae
 import vae
@@ -48,7 +50,7 @@ def test_loss_terms_match_references():
     torch.manual_seed(0)
     recon, images = torch.rand(5, 3, 8, 8), torch.rand(5, 3, 8, 8)
     mu, logvar = torch.randn(5, 7), torch.randn(5, 7)
-    losses = vae.vae_loss(recon, images, mu, logvar, beta=0.7)
+    losses = vae.vae_loss(recon, images, mu, logvar, beta=0.7, edge_weight=0)
     reference_kl = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(0, 1)).sum(1).mean()
     assert torch.allclose(losses["kl"], reference_kl, rtol=1e-5)
     # The decoder is N(x_hat, sigma^2) per pixel, with sigma^2 the batch's mean squared error.
@@ -56,7 +58,44 @@ def test_loss_terms_match_references():
     reference = -Normal(recon, variance.sqrt()).log_prob(images).flatten(1).sum(1).mean()
     assert torch.allclose(losses["variance"], variance) and torch.allclose(losses["reconstruction"], reference)
     assert torch.allclose(losses["loss"], losses["reconstruction"] + 0.7 * losses["kl"])
-    assert vae.vae_loss(recon, images, mu, logvar, beta=0)["loss"] == losses["reconstruction"]
+    assert vae.vae_loss(recon, images, mu, logvar, beta=0, edge_weight=0)["loss"] == losses["reconstruction"]
+
+
+def wrap_round_differences(height, width, down):
+    """The matrix that takes one channel's H x W values (flattened) to their differences with the
+    pixel above (down) or on the left, the grid wrapping round at its borders: built pixel by pixel."""
+    matrix = torch.zeros(height * width, height * width, dtype=torch.float64)
+    for y in range(height):
+        for x in range(width):
+            neighbour = ((y - 1) % height) * width + x if down else y * width + (x - 1) % width
+            matrix[y * width + x, y * width + x] += 1
+            matrix[y * width + x, neighbour] -= 1
+    return matrix
+
+
+def test_the_edge_likelihood_is_the_multivariate_normal_it_implies():
+    torch.manual_seed(0)
+    recon, images, zeros = torch.rand(2, 3, 4, 5), torch.rand(2, 3, 4, 5), torch.zeros(2, 3)  # H != W: no axis swapped
+    losses = vae.vae_loss(recon, images, zeros, zeros, edge_weight=0.7)
+    across, down = wrap_round_differences(4, 5, down=False), wrap_round_differences(4, 5, down=True)
+    precision = torch.eye(20, dtype=torch.float64) + 0.7 * (across.T @ across + down.T @ down)  # I + lambda L
+    covariance = losses["variance"].double() * torch.block_diag(*[torch.linalg.inv(precision)] * 3)
+    reference = -MultivariateNormal(recon.flatten(1).double(), covariance).log_prob(images.flatten(1).double())
+    # Dropping the log-determinant would move the term by 1/2 log det(I + 0.7 L) = 37.5 nats an image.
+    assert torch.allclose(losses["reconstruction"].double(), reference.mean(), rtol=0, atol=1e-3)
+    assert torch.isclose(vae.log_det_edges((3, 4, 5), 0.7), 3 * torch.linalg.slogdet(precision)[1].float())
+
+
+def test_an_edge_weight_makes_a_blur_cost_more_than_an_even_error_of_the_same_size():
+    torch.manual_seed(0)
+    images, zeros = torch.rand(4, 3, 8, 8), torch.zeros(4, 2)
+    blurred = (images + images.roll(1, -1) + images.roll(-1, -1)) / 3
+    shifted = images + ((blurred - images) ** 2).mean().sqrt()  # an even error with the blur's squared error
+    assert torch.isclose(((blurred - images) ** 2).mean(), ((shifted - images) ** 2).mean())
+    cost = {weight: [vae.vae_loss(output, images, zeros, zeros, edge_weight=weight)["reconstruction"].item()
+                     for output in (blurred, shifted)] for weight in (0, 1)}
+    assert cost[0][0] == pytest.approx(cost[0][1], abs=1e-2)  # the independent Gaussian cannot tell them apart
+    assert cost[1][0] > cost[1][1] + 100  # blur's error has edges: 192 values x log(6) / 2 here, not a rounding
 
 
 def test_a_sharper_reconstruction_is_more_likely():
@@ -92,7 +131,7 @@ class ConstantVAE(torch.nn.Module):
 def test_run_epoch_returns_per_image_means_also_when_the_last_batch_is_smaller():
     torch.manual_seed(0)
     photos = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)  # batches of 4, 4 and 2, each its own variance
-    result = vae.run_epoch(ConstantVAE(), photos, epoch_args(beta=2.0))
+    result = vae.run_epoch(ConstantVAE(), photos, epoch_args(beta=2.0, edge_weight=0))  # the edges: their own test
     images = photos.float() / 255  # what the model is shown
     by_hand = {"reconstruction": 0, "variance": 0}
     for batch in images.split(4):
@@ -161,7 +200,9 @@ def test_main_trains_writes_every_output_and_reloads_for_figures_only(smoke_flag
     assert (out / "samples" / "sample_0001.png").read_bytes() == sample
 
 
-@pytest.mark.parametrize("flags, message", [(["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr")])
+@pytest.mark.parametrize("flags, message", [(["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr"),
+                                            (["--edge-weight", "-0.5"], "--edge-weight"),
+                                            (["--edge-weight", "nan"], "--edge-weight"), (["--beta", "inf"], "--beta")])
 def test_bad_flags_are_one_line_errors(flags, message, capsys):
     with pytest.raises(SystemExit):
         vae.parse_args(flags)
@@ -301,3 +342,33 @@ def test_the_epoch_line_and_the_last_line_add_up_at_a_beta_other_than_one(smoke_
                      r"(\S+)\)", printed[-1])
     elbo, reconstruction, kl, loss = map(float, last.groups())
     assert abs(elbo - (reconstruction + kl)) <= 0.15 and abs(loss - (reconstruction + 0.5 * kl)) <= 0.15
+
+
+def test_a_model_saved_before_the_edge_weight_is_scored_with_the_independent_gaussian_it_was_trained_with(
+        smoke_flags, tmp_path, capsys):
+    vae.main([*smoke_flags, "--epochs", "1", "--edge-weight", "0"])
+    trained = capsys.readouterr().out.splitlines()[-1]
+    checkpoint = tmp_path / "out" / "model.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    del state["args"]["edge_weight"]  # as a model.pt written before the flag existed
+    torch.save(state, checkpoint)
+    vae.main([*smoke_flags, "--figures-only"])
+    printed = capsys.readouterr().out.splitlines()
+    assert "edge" not in " ".join(printed[:3])  # nothing restored from a key the checkpoint lacks
+    assert printed[-1] == trained  # the same test line: scored with lambda = 0, not the default 1
+
+
+def test_the_side_by_side_figure_draws_a_pair_of_rows_a_type_and_names_a_missing_type(smoke_flags, tmp_path):
+    sys.path.insert(0, str(Path(vae.__file__).parent / "tools"))
+    import vae_likelihoods
+    vae.main([*smoke_flags, "--epochs", "1", "--edge-weight", "0"])
+    model, heights = str(tmp_path / "out" / "model.pt"), []
+    for kinds in (["Tshirts"], ["Tshirts", "Heels"]):
+        figure = tmp_path / f"{len(kinds)}.png"
+        vae_likelihoods.main(["--left", model, "--right", model, "--kinds", *kinds, "--columns", "3",
+                              "--to", str(figure)])
+        with Image.open(figure) as image:
+            heights.append(image.height)
+    assert heights[1] - heights[0] == 2 * (32 + 2) * 3  # two rows more for a type more: 32-px images, 2-px gaps, x3
+    with pytest.raises(SystemExit, match="--kinds Casual Shoes: no training photo of that type"):
+        vae_likelihoods.main(["--left", model, "--right", model, "--kinds", "Casual Shoes"])
