@@ -23,10 +23,9 @@ Detail the code cannot pin down (where a stripe falls) is then cheapest drawn as
 where it might be, a blur: its error is small and spread thin, while a sharp stripe a little off
 costs twice, a missing edge and an extra one. A correlated Gaussian says that errors come in
 shapes: here the error's differences between neighbouring pixels cost lambda times again, so a
-missing edge costs more than a wrong shade. Frequency f of the error gets the precision
-(1 + lambda (4 sin^2(pi f_x) + 4 sin^2(pi f_y))) / sigma^2: 1 for the average colour, up to
-1 + 8 lambda for the finest pattern (after Bredell et al. 2023, "Explicitly Minimizing the Blur
-Error of VAEs"). It is still a normalised Gaussian, so the ELBO keeps its meaning.
+missing edge costs more than a wrong shade, and the finest patterns up to 1 + 8 lambda times as
+much (log_det_edges; after Bredell et al. 2023, "Explicitly Minimizing the Blur Error of VAEs").
+It is still a normalised Gaussian, so the ELBO keeps its meaning.
 
 The decoder's variance sigma^2, one number for all D values, is a hidden beta: the textbook sum of
 squared errors fixes it at 1/2, which weighs the KL ~100x too much on these photos. Here it is set
@@ -372,7 +371,7 @@ def make_figures(model, catalogue, history, code_distribution, samples_by_epoch,
               "codes, one Gaussian per type, and the commonest types set apart" + tag, args.out / "samples.png")
     plot_curves(history, {"loss": ("negative ELBO" if args.beta == 1 else f"rec + {args.beta:g} x KL") + " per image",
                           "reconstruction": "reconstruction per image", "kl": "KL per image (rises, then settles)",
-                          "variance": "decoder variance sigma^2 (of an even error)"}, args.out / "loss_curves.png",
+                          "variance": "decoder sigma^2 (an even error)"}, args.out / "loss_curves.png",
                 log=("variance",))
     draw_code_space("VAE", codes, decode, catalogue, active, ACTIVE, tag, args.out, prior=True)
     shop.draw_figures(samples_by_epoch, "VAE", encode, decode, codes, catalogue, tag, args)
