@@ -329,7 +329,7 @@ def main(argv=None):
     checkpoint, state = start_run(SCRIPT, args, vars(parse_args([])), MODEL_FLAGS,
                                   load=args.figures_only or args.resume or tool)
     model = Autoencoder(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)
-    history, code_distribution, samples_by_epoch = restore(model, state)  # from the checkpoint, if any
+    history, code_distribution, samples_by_epoch = restore(model, state, checkpoint)  # from the checkpoint, if any
     if args.figures_only and args.num_samples:  # the checkpoint is all that sampling needs: no photos, no figures
         return write_samples(model, code_distribution, args.num_samples, args)
     catalogue = load_catalogue(args.data, args.image_size)

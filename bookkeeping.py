@@ -153,12 +153,21 @@ def load_checkpoint(path, script, args, defaults, flags, given="--checkpoint"):
     return state
 
 
-def restore(model, state):
-    """Put a loaded run's weights into `model`; returns its history, the code distribution it fitted
-    and its samples_by_epoch [(epoch, images)]: [], None and [] for a new run."""
+def load_weights(model, state, path):
+    """Put a checkpoint's weights into `model`; a model.pt whose weights do not fit it is a one-line error."""
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError:  # shapes or names that differ: an earlier version of the script made another model
+        raise SystemExit(f"error: {path}: its weights do not fit {state['script']}'s model as it is now (saved by an "
+                         f"earlier version): train it again, into another --out or with --overwrite") from None
+
+
+def restore(model, state, path):
+    """Put a loaded run's weights (from `path`) into `model`; returns its history, the code distribution it
+    fitted and its samples_by_epoch [(epoch, images)]: [], None and [] for a new run."""
     if state is None:
         return [], None, []
-    model.load_state_dict(state["state_dict"])
+    load_weights(model, state, path)
     return state["history"], state.get("code_distribution"), state.get("samples_by_epoch", [])
 
 

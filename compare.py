@@ -42,7 +42,7 @@ import classical
 import dae
 import shop
 import vae
-from bookkeeping import ends_cleanly, one_cycle, read_checkpoint, written_whole
+from bookkeeping import ends_cleanly, load_weights, one_cycle, read_checkpoint, written_whole
 from common import REPO, load_catalogue, product_kinds, select_device
 from figures import save_grid
 
@@ -75,7 +75,7 @@ def load_model(name, path, device):
     """The model a script saved, rebuilt from the flags in its checkpoint."""
     state = read_checkpoint(path, f"{name}.py", f"--{name}")
     model = SCRIPTS[name](state["args"]["image_size"], state["args"]["latent_dim"])
-    model.load_state_dict(state["state_dict"])
+    load_weights(model, state, path)
     return model.to(device).eval(), state
 
 

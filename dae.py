@@ -361,7 +361,7 @@ def main(argv=None):
     if args.noise_strength is None:  # not given, and not taken from a checkpoint: the kind's own
         args.noise_strength = STRENGTHS[args.noise]
     model = DenoisingAutoencoder(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)
-    history = restore(model, state)[0]  # the loaded run's epochs; [] for a new one
+    history = restore(model, state, checkpoint)[0]  # the loaded run's epochs; [] for a new one
     if args.clean:  # the user's own photos: no catalogue needed
         args.out.mkdir(parents=True, exist_ok=True)
         model.eval()

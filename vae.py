@@ -99,9 +99,10 @@ MODEL_FLAGS = ("latent_dim", "image_size", "beta", "edge_weight")  # what the mo
 # ----------------------------------------------------------------------------- model
 class VAE(nn.Module):
     """Stride-2 convolutions take the photo to an 8x8 grid of 64 features (16 to 64 channels: small
-    for a CPU), a linear layer makes the code; the decoder mirrors them. Its transposed convolutions
-    have kernel 4, which stride 2 divides, so every output pixel is covered equally often; 3x3 paints
-    a checkerboard (Odena et al. 2016, "Deconvolution and Checkerboard Artifacts")."""
+    for a CPU), a linear layer makes the code; the decoder mirrors them, but its first block keeps the
+    grid's 64 channels (ae.py halves them): the likelihood asks for detail, and at 16x16 more channels
+    draw it for the least time. Its transposed convolutions have kernel 4, which stride 2 divides, so
+    every output pixel is covered equally often; 3x3 paints a checkerboard (Odena et al. 2016)."""
 
     def __init__(self, image_size=64, latent_dim=128, channels=(16, 32, 64)):
         super().__init__()
@@ -123,7 +124,7 @@ class VAE(nn.Module):
         self.to_logvar = nn.Linear(features, latent_dim)
         self.from_latent = nn.Linear(latent_dim, features)
         decoder = []
-        for width in reversed(widths[:-1]):  # each block: (B, previous, s, s) -> (B, width, 2s, 2s)
+        for width in [widths[-1], *reversed(widths[:-2])]:  # each block: (B, previous, s, s) -> (B, width, 2s, 2s)
             decoder += [nn.ConvTranspose2d(previous, width, 4, 2, 1), nn.BatchNorm2d(width), nn.ReLU()]
             previous = width
         self.decoder = nn.Sequential(*decoder, nn.ConvTranspose2d(previous, 3, 4, 2, 1), nn.Sigmoid())
@@ -167,8 +168,12 @@ def vae_loss(recon, images, mu, logvar, beta=1.0, edge_weight=1.0):
     # sigma^2 makes the photos most likely at the batch's mean of the first sum a value (Rybkin et al. 2021,
     # "Simple and Effective VAE Training with Calibrated Decoders"), a constant for the step.
     error = recon - images
-    differences = (error - error.roll(1, dims=-1)) ** 2 + (error - error.roll(1, dims=-2)) ** 2
-    weighted_error = (error**2 + edge_weight * differences).flatten(1).sum(dim=1)  # (B,)
+
+    def squares(values):  # (B, 3, S, S) -> (B,): the sum of squares per image
+        return values.square().flatten(1).sum(dim=1)
+
+    weighted_error = squares(error) + edge_weight * (squares(error - error.roll(1, dims=-1))
+                                                     + squares(error - error.roll(1, dims=-2)))  # (B,)
     pixels = images[0].numel()  # D
     variance = (weighted_error.mean() / pixels).detach().clamp_min(1e-6)
     reconstruction = (weighted_error / (2 * variance) + pixels / 2 * torch.log(2 * math.pi * variance)
@@ -387,7 +392,7 @@ def main(argv=None):
     if state is not None and "edge_weight" not in state["args"]:  # a model.pt from before --edge-weight
         args.edge_weight = 0.0
     model = VAE(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)
-    history, code_distribution, samples_by_epoch = restore(model, state)  # from the checkpoint, if any
+    history, code_distribution, samples_by_epoch = restore(model, state, checkpoint)  # from the checkpoint, if any
     if args.figures_only and args.num_samples:  # the checkpoint is all that sampling needs: no photos, no figures
         return write_samples(model, code_distribution, args.num_samples, args)
     catalogue = load_catalogue(args.data, args.image_size)

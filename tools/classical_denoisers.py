@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import classical  # noqa: E402
 import dae  # noqa: E402
-from bookkeeping import read_checkpoint, written_whole  # noqa: E402
+from bookkeeping import load_weights, read_checkpoint, written_whole  # noqa: E402
 from common import CACHE_DIR, load_catalogue, shown_products  # noqa: E402
 
 STRENGTHS = (0.05, 0.1, 0.2)  # the DAE's trained range: light, its test strength, twice it
@@ -96,7 +96,7 @@ def main(argv=None):
     if args.calibrate_nlm:
         return calibrate_nlm(catalogue, seed)
     model = dae.DenoisingAutoencoder(size, state["args"]["latent_dim"])
-    model.load_state_dict(state["state_dict"])
+    load_weights(model, state, args.checkpoint)
     clean = catalogue.images[shown_products(catalogue, min(args.products, len(catalogue.test_index)))]
     clean = clean.float() / 255
     settings = argparse.Namespace(batch_size=64, device=torch.device("cpu"))

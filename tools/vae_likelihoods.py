@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vae  # noqa: E402  (the repo's root, put on the path above)
-from bookkeeping import read_checkpoint, written_whole  # noqa: E402
+from bookkeeping import load_weights, read_checkpoint, written_whole  # noqa: E402
 from common import REPO  # noqa: E402
 from figures import save_grid  # noqa: E402
 
@@ -26,7 +26,7 @@ def load(path, flag):
     state = read_checkpoint(path, vae.SCRIPT, flag)
     flags = state["args"]
     model = vae.VAE(flags["image_size"], flags["latent_dim"])
-    model.load_state_dict(state["state_dict"])
+    load_weights(model, state, path)
     if not (state.get("code_distribution") or {}).get("kinds"):
         raise SystemExit(f"error: {flag} {path}: a run stopped before its last epoch; finish it with --resume")
     return {"model": model.eval(), "codes": state["code_distribution"],
