@@ -37,9 +37,9 @@ first the decoder draws a blurred average and detail in the code buys little; as
 detail, and sigma^2 falls with its error, each nat the code spends buys more.
 
 Sampling, in the textbook's order (below): z ~ N(0, I) draws smudges here. Most code numbers alone
-are close to N(0, 1) (in a default run their variances run from 0.5 to about 4, median 0.87), but they
-are correlated: along their main directions the codes spread from 12 times the prior's variance to
-a sixtieth of it (codes_vs_prior.png), so most draws land where no photo's code is. A Gaussian
+are close to N(0, 1) (in a default run their variances run from 0.6 to about 4, median 0.89), but they
+are correlated: along their main directions the codes spread from 11 times the prior's variance to
+a fiftieth of it (codes_vs_prior.png), so most draws land where no photo's code is. A Gaussian
 fitted to the codes draws products (Ghosh et al. 2019), one per product type draws each as often
 as the catalogue has it, and one_kind sets a type apart against the blur.
 
