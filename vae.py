@@ -389,8 +389,6 @@ def main(argv=None):
     tool = args.query is not None or args.duplicates is not None
     checkpoint, state = start_run(SCRIPT, args, vars(parse_args([])), MODEL_FLAGS,
                                   load=args.figures_only or args.resume or tool)
-    if state is not None and "edge_weight" not in state["args"]:  # a model.pt from before --edge-weight
-        args.edge_weight = 0.0
     model = VAE(args.image_size, args.latent_dim).to(args.device, memory_format=torch.channels_last)
     history, code_distribution, samples_by_epoch = restore(model, state, checkpoint)  # from the checkpoint, if any
     if args.figures_only and args.num_samples:  # the checkpoint is all that sampling needs: no photos, no figures

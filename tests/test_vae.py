@@ -344,20 +344,6 @@ def test_the_epoch_line_and_the_last_line_add_up_at_a_beta_other_than_one(smoke_
     assert abs(elbo - (reconstruction + kl)) <= 0.15 and abs(loss - (reconstruction + 0.5 * kl)) <= 0.15
 
 
-def test_a_model_saved_before_the_edge_weight_is_scored_with_the_independent_gaussian_it_was_trained_with(
-        smoke_flags, tmp_path, capsys):
-    vae.main([*smoke_flags, "--epochs", "1", "--edge-weight", "0"])
-    trained = capsys.readouterr().out.splitlines()[-1]
-    checkpoint = tmp_path / "out" / "model.pt"
-    state = torch.load(checkpoint, weights_only=True)
-    del state["args"]["edge_weight"]  # as a model.pt written before the flag existed
-    torch.save(state, checkpoint)
-    vae.main([*smoke_flags, "--figures-only"])
-    printed = capsys.readouterr().out.splitlines()
-    assert "edge" not in " ".join(printed[:3])  # nothing restored from a key the checkpoint lacks
-    assert printed[-1] == trained  # the same test line: scored with lambda = 0, not the default 1
-
-
 def test_the_side_by_side_figure_draws_a_pair_of_rows_a_type_and_names_a_missing_type(smoke_flags, tmp_path):
     sys.path.insert(0, str(Path(vae.__file__).parent / "tools"))
     import vae_likelihoods
@@ -378,7 +364,7 @@ def test_a_model_pt_whose_weights_do_not_fit_the_model_is_a_one_line_error_and_s
     vae.main([*smoke_flags, "--epochs", "1"])
     checkpoint = tmp_path / "out" / "model.pt"
     state = torch.load(checkpoint, weights_only=True)
-    state["state_dict"]["decoder.0.weight"] = torch.zeros(64, 32, 4, 4)  # the mirrored decoder of before #44's capacity
+    state["state_dict"]["decoder.0.weight"] = torch.zeros(64, 32, 4, 4)  # the mirrored decoder of before #44
     torch.save(state, checkpoint)
     saved = checkpoint.read_bytes()
     for run in (lambda: vae.main([*smoke_flags, "--figures-only"]), lambda: vae.main([*smoke_flags, "--resume"])):
