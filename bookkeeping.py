@@ -135,7 +135,7 @@ def load_checkpoint(path, script, args, defaults, flags, given="--checkpoint"):
     the command line sets to another value than the saved one is an error naming it."""
     state, restored = read_checkpoint(path, script, given), []
     for flag in flags:
-        if flag not in state["args"]:  # a model.pt from before the flag: the script says what it was trained with
+        if flag not in state["args"]:  # a model.pt from before the flag: nothing to take (load_weights says if it fits)
             continue
         saved, given = state["args"].get(flag), getattr(args, flag)
         if flag == "data" and given is not None:  # the photos may have moved: a --data given wins
